@@ -1,0 +1,7 @@
+"""Allow ``python -m tripwire``."""
+
+import sys
+
+from tripwire.cli import main
+
+sys.exit(main())

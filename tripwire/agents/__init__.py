@@ -1,0 +1,1 @@
+"""What an agent process imports: span export, kill switch, session guard."""

@@ -1,0 +1,1 @@
+"""The detector: the detection core and the runtimes that drive it."""
