@@ -1,0 +1,559 @@
+"""A deterministic fleet of simulated agents: realistic spans with ground truth."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Final
+
+import orjson
+
+from tripwire.errors import ConfigError
+from tripwire.schemas.events import SpanEvent, SpanKind, ToolStatus
+
+logger = logging.getLogger(__name__)
+
+HEALTHY: Final = "healthy"
+LOOP: Final = "loop"
+BUDGET: Final = "budget"
+TOOL_FAILURES: Final = "tool_failures"
+RECURSION: Final = "recursion"
+USER_CAP: Final = "user_cap"
+
+#: Every runaway kind the simulator can produce, in the order they are dealt.
+RUNAWAY_KINDS: Final = (LOOP, BUDGET, TOOL_FAILURES, RECURSION, USER_CAP)
+
+#: Event time of the first session start: 2025-06-02 09:00:00 UTC. Fixed, so
+#: the same seed gives the same spans whatever the wall clock says.
+DEFAULT_START_TIME: Final = 1_748_854_800.0
+
+# Sessions arrive over this many event-time seconds.
+_ARRIVAL_WINDOW_S: Final = 240.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Model:
+    name: str
+    provider: str
+    # Anthropic bills cache writes apart; OpenAI and Gemini cache implicitly.
+    explicit_cache: bool
+    # Output tokens per second, for realistic call durations.
+    speed: float
+
+
+_MODELS: Final = {
+    "sonnet": _Model("claude-sonnet-4-5-20250929", "anthropic", True, 70.0),
+    "haiku": _Model("claude-haiku-4-5-20251001", "anthropic", True, 140.0),
+    "opus": _Model("claude-opus-4-1-20250805", "anthropic", True, 40.0),
+    "gpt-4o-mini": _Model("gpt-4o-mini", "openai", False, 110.0),
+    "gpt-4o": _Model("gpt-4o", "openai", False, 80.0),
+    "gpt-4.1": _Model("gpt-4.1", "openai", False, 75.0),
+    "flash": _Model("gemini-2.5-flash", "gcp.gemini", False, 160.0),
+    "pro": _Model("gemini-2.5-pro", "gcp.gemini", False, 60.0),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Profile:
+    """An agent type: its name, its models, its tools and its vocabulary."""
+
+    name: str
+    models: tuple[str, ...]
+    tools: tuple[str, ...]
+    subjects: tuple[str, ...]
+    system_tokens: int
+
+
+_PROFILES: Final = (
+    _Profile(
+        "support-triage",
+        ("haiku", "gpt-4o-mini"),
+        ("search_kb", "get_ticket", "update_ticket", "lookup_order"),
+        ("refund request", "login failure", "missing invoice", "shipping delay"),
+        1_800,
+    ),
+    _Profile(
+        "research-assistant",
+        ("sonnet", "flash"),
+        ("web_search", "fetch_url", "extract_tables", "cite_source"),
+        ("battery recycling", "EU AI Act", "GLP-1 market", "solid-state cells"),
+        3_200,
+    ),
+    _Profile(
+        "code-reviewer",
+        ("sonnet", "gpt-4.1"),
+        ("read_file", "grep", "run_tests", "git_diff"),
+        ("auth middleware", "retry policy", "cache eviction", "schema migration"),
+        4_500,
+    ),
+    _Profile(
+        "data-analyst",
+        ("gpt-4o", "pro"),
+        ("run_sql", "describe_table", "plot_chart"),
+        ("churn by cohort", "weekly revenue", "funnel drop-off", "ad spend ROI"),
+        2_600,
+    ),
+    _Profile(
+        "travel-planner",
+        ("gpt-4o-mini", "flash"),
+        ("search_flights", "search_hotels", "get_weather", "convert_currency"),
+        ("Lisbon weekend", "Tokyo in April", "Andes trek", "Oslo conference"),
+        1_500,
+    ),
+)
+
+_NAMES: Final = (
+    "Acme", "Borealis", "Cobalt", "Delta", "Ember", "Fjord", "Granite", "Helix",
+    "Ionic", "Juniper", "Kestrel", "Lumen", "Meridian", "Nimbus", "Orchid",
+)  # fmt: skip
+_VERBS: Final = (
+    "compare", "check", "summarise", "rank", "cross-reference", "validate",
+    "group", "estimate", "extract", "reconcile",
+)  # fmt: skip
+_NOUNS: Final = (
+    "sources", "records", "entries", "options", "results", "candidates",
+    "rows", "documents", "matches", "quotes",
+)  # fmt: skip
+_ADJECTIVES: Final = (
+    "recent", "relevant", "cheapest", "conflicting", "verified", "outdated",
+    "primary", "regional", "duplicate", "flagged",
+)  # fmt: skip
+_ERRORS: Final = (
+    "HTTP 503 Service Unavailable", "timeout after 30s", "HTTP 429 rate limited",
+    "connection reset by peer", "HTTP 500 upstream error", "invalid JSON in reply",
+)  # fmt: skip
+
+
+@dataclass(slots=True)
+class SimulatedSession:
+    """One simulated agent session: its spans and what it really is.
+
+    Attributes:
+        session_id: the session id carried by every span.
+        user_id: the user the session runs for.
+        agent_name: the agent type.
+        expected: the ground truth, ``"healthy"`` or a runaway kind from
+            ``RUNAWAY_KINDS``.
+        spans: the full run, as it would go if nobody stopped it, in event-time
+            order.
+    """
+
+    session_id: str
+    user_id: str
+    agent_name: str
+    expected: str
+    spans: list[SpanEvent] = field(default_factory=list)
+
+    @property
+    def runaway(self) -> bool:
+        """Whether the ground truth says this session should be stopped."""
+        return self.expected != HEALTHY
+
+    @property
+    def steps(self) -> int:
+        """LLM calls and tool calls in the full run."""
+        return sum(1 for span in self.spans if span.kind is not SpanKind.AGENT)
+
+
+@dataclass(slots=True)
+class Fleet:
+    """A simulated fleet: its sessions and their spans merged in event time."""
+
+    seed: int
+    sessions: list[SimulatedSession]
+
+    def spans(self) -> Iterator[SpanEvent]:
+        """Yield every span of every session, ordered by end time.
+
+        Ties keep session order, then the order within the session, so the
+        stream is the same on every run.
+        """
+        keyed = [
+            (span.end_time, index, position, span)
+            for index, session in enumerate(self.sessions)
+            for position, span in enumerate(session.spans)
+        ]
+        keyed.sort(key=lambda item: item[:3])
+        for *_, span in keyed:
+            yield span
+
+    def session(self, session_id: str) -> SimulatedSession:
+        """Return the session with this id.
+
+        Raises:
+            KeyError: no simulated session has this id.
+        """
+        for session in self.sessions:
+            if session.session_id == session_id:
+                return session
+        raise KeyError(session_id)
+
+    @property
+    def span_count(self) -> int:
+        """Spans in the fleet's full run."""
+        return sum(len(session.spans) for session in self.sessions)
+
+    @property
+    def duration_s(self) -> float:
+        """Event-time seconds from the first span start to the last span end."""
+        spans = [span for session in self.sessions for span in session.spans]
+        if not spans:
+            return 0.0
+        return max(s.end_time for s in spans) - min(s.start_time for s in spans)
+
+
+def simulate_fleet(
+    sessions: int = 40,
+    seed: int = 7,
+    *,
+    start_time: float = DEFAULT_START_TIME,
+    user_cap_usd: float = 50.0,
+) -> Fleet:
+    """Simulate a fleet of agent sessions, most healthy, some runaway.
+
+    Roughly one session in ten loops, one in twenty burns budget and one in
+    twenty fights failing tools; one recurses into ever deeper sub-agents; and,
+    from 12 sessions up, one user runs enough ordinary sessions to go over the
+    daily cap. The same arguments always give the same spans.
+
+    Args:
+        sessions: how many sessions to simulate, at least 6 so every runaway
+            kind but the user cap appears.
+        seed: seed of the random generator.
+        start_time: event time (Unix seconds) of the first session's start.
+        user_cap_usd: the daily spend cap the heavy user's sessions add up to
+            more than, in USD.
+
+    Returns:
+        The fleet, its sessions in a shuffled but seed-determined order.
+
+    Raises:
+        ConfigError: ``sessions`` is below 6 or ``user_cap_usd`` is not > 0.
+    """
+    if sessions < 6:
+        raise ConfigError(
+            f"simulated sessions must be >= 6, got {sessions}: fewer cannot hold "
+            "one session of each runaway kind; pass --sessions 6 or more"
+        )
+    if user_cap_usd <= 0:
+        raise ConfigError(f"user daily cap must be > 0 USD, got {user_cap_usd}")
+
+    rng = random.Random(seed)
+    kinds = _deal_kinds(sessions, rng)
+    users = [f"user-{rng.randrange(1000, 9999)}" for _ in range(max(3, sessions // 4))]
+    heavy_user = f"user-{rng.randrange(10000, 99999)}"
+    built: list[SimulatedSession] = []
+    for index, kind in enumerate(kinds):
+        begin = (
+            start_time + rng.uniform(0.0, _ARRIVAL_WINDOW_S) if index else start_time
+        )
+        user = heavy_user if kind == USER_CAP else rng.choice(users)
+        builder = _SessionBuilder(rng, index, user, kind, begin)
+        built.append(builder.build(user_cap_usd))
+
+    logger.debug("simulated %d sessions with seed %d", len(built), seed)
+    return Fleet(seed=seed, sessions=built)
+
+
+def _deal_kinds(sessions: int, rng: random.Random) -> list[str]:
+    """Return the ground truth of each session, shuffled by ``rng``."""
+    counts = {
+        LOOP: max(1, round(sessions * 0.10)),
+        BUDGET: max(1, round(sessions * 0.05)),
+        TOOL_FAILURES: max(1, round(sessions * 0.05)),
+        RECURSION: 1,
+        USER_CAP: 4 if sessions >= 12 else 0,
+    }
+    kinds = [kind for kind, count in counts.items() for _ in range(count)]
+    kinds += [HEALTHY] * (sessions - len(kinds))
+    rng.shuffle(kinds)
+    return kinds
+
+
+def _hex(rng: random.Random, digits: int) -> str:
+    return f"{rng.getrandbits(digits * 4):0{digits}x}"
+
+
+def _args_hash(tool: str, args: dict[str, object]) -> str:
+    """Hash a tool call's arguments as agents do: canonical JSON, SHA-256."""
+    canonical = orjson.dumps({"tool": tool, "args": args}, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()[:16]
+
+
+class _SessionBuilder:
+    """Writes one session's spans, keeping its clock, context and nesting."""
+
+    def __init__(
+        self,
+        rng: random.Random,
+        index: int,
+        user_id: str,
+        expected: str,
+        start_time: float,
+    ) -> None:
+        self.rng = rng
+        self.profile = rng.choice(_PROFILES)
+        self.model = _MODELS[rng.choice(self.profile.models)]
+        self.session = SimulatedSession(
+            session_id=f"sess-{index:03d}-{_hex(rng, 8)}",
+            user_id=user_id,
+            agent_name=self.profile.name,
+            expected=expected,
+        )
+        self.trace_id = _hex(rng, 32)
+        self.clock = start_time
+        self.context = self.profile.system_tokens + rng.randint(200, 900)
+        self.cached = 0
+        self.parents: list[str] = []
+        self.subject = rng.choice(self.profile.subjects)
+
+    # Building blocks -----------------------------------------------------
+
+    def _span(self, kind: SpanKind, start: float, end: float, **fields: object) -> None:
+        # The root agent and its own steps are at depth 0, a sub-agent it
+        # invokes and that sub-agent's steps at depth 1, and so on.
+        depth = len(self.parents) - (0 if kind is SpanKind.AGENT else 1)
+        span = SpanEvent(
+            span_id=_hex(self.rng, 16),
+            trace_id=self.trace_id,
+            session_id=self.session.session_id,
+            kind=kind,
+            start_time=round(start, 6),
+            end_time=round(end, 6),
+            parent_span_id=self.parents[-1] if self.parents else None,
+            user_id=self.session.user_id,
+            agent_name=self.session.agent_name,
+            depth=max(0, depth),
+        )
+        for name, value in fields.items():
+            setattr(span, name, value)
+        self.session.spans.append(span)
+
+    def llm(self, text: str, *, model: _Model | None = None, finish: str = "") -> None:
+        """Add an LLM call reading the whole context and writing ``text``."""
+        model = model or self.model
+        output_tokens = max(12, int(len(text) / 3.6) + self.rng.randint(0, 60))
+        # The provider caches the prefix it has already seen, in 1024-token
+        # blocks for the implicit caches.
+        cache_read = self.cached
+        if not model.explicit_cache:
+            cache_read = (self.cached // 1024) * 1024
+        cache_creation = self.context - self.cached if model.explicit_cache else 0
+        duration = 0.35 + output_tokens / model.speed + self.context / 60_000
+        start = self.clock + self.rng.uniform(0.02, 0.15)
+        end = start + duration * self.rng.uniform(0.8, 1.25)
+        self._span(
+            SpanKind.LLM,
+            start,
+            end,
+            model=model.name,
+            provider=model.provider,
+            input_tokens=self.context,
+            output_tokens=output_tokens,
+            cache_read_tokens=cache_read,
+            cache_creation_tokens=cache_creation,
+            finish_reason=finish
+            or ("tool_calls" if self.rng.random() < 0.8 else "stop"),
+            output_text=text,
+        )
+        self.clock = end
+        self.cached = self.context
+        self.context += output_tokens
+
+    def tool(
+        self,
+        name: str,
+        args: dict[str, object],
+        *,
+        ok: bool = True,
+        result_tokens: int = 0,
+    ) -> None:
+        """Add a tool call whose result joins the context."""
+        start = self.clock + self.rng.uniform(0.01, 0.05)
+        end = start + self.rng.uniform(0.08, 2.5 if ok else 6.0)
+        self._span(
+            SpanKind.TOOL,
+            start,
+            end,
+            tool_name=name,
+            tool_args_hash=_args_hash(name, args),
+            tool_status=ToolStatus.OK if ok else ToolStatus.ERROR,
+        )
+        self.clock = end
+        self.context += result_tokens or self.rng.randint(150, 1_800)
+
+    def open_agent(self) -> tuple[str, float]:
+        """Open an agent invocation; its span is written when it closes."""
+        span_id = _hex(self.rng, 16)
+        self.parents.append(span_id)
+        return span_id, self.clock
+
+    def close_agent(self, opened: tuple[str, float], outcome: str) -> None:
+        """Close the innermost agent invocation and write its span."""
+        span_id, start = opened
+        self.parents.pop()
+        self.clock += self.rng.uniform(0.005, 0.03)
+        self._span(SpanKind.AGENT, start, self.clock, outcome=outcome)
+        self.session.spans[-1].span_id = span_id
+
+    # Texts ---------------------------------------------------------------
+
+    def _sentence(self) -> str:
+        rng = self.rng
+        return rng.choice(
+            (
+                f"{rng.choice(_NAMES)} lists {rng.randint(2, 97)} "
+                f"{rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)}.",
+                f"I will {rng.choice(_VERBS)} the {rng.choice(_ADJECTIVES)} "
+                f"{rng.choice(_NOUNS)} from {rng.choice(_NAMES)} next.",
+                f"About {rng.randint(3, 88)}% of the {rng.choice(_NOUNS)} are "
+                f"{rng.choice(_ADJECTIVES)}, mostly from {rng.choice(_NAMES)}.",
+                f"The {rng.choice(_NAMES)} figure of {rng.randint(100, 9999)} "
+                f"disagrees with {rng.choice(_NAMES)} by {rng.randint(2, 40)}.",
+                f"Step {rng.randint(1, 9)} needs the {rng.choice(_NOUNS)} "
+                f"{rng.choice(_VERBS)}d before {rng.choice(_NAMES)} replies.",
+            )
+        )
+
+    def fresh_text(self, lead: str) -> str:
+        """Return a new, unrepeated answer opening with ``lead``."""
+        sentences = [lead] + [self._sentence() for _ in range(self.rng.randint(2, 6))]
+        return " ".join(sentences)
+
+    def loop_text(self, target: str) -> str:
+        """Return one rewording of the same stuck thought about ``target``."""
+        rng = self.rng
+        return (
+            f"{rng.choice(('Let me', 'I will', 'I need to', 'I should'))} "
+            f"{rng.choice(('check', 'look at', 're-read', 'inspect'))} {target} "
+            f"{rng.choice(('again', 'once more', 'one more time'))} to "
+            f"{rng.choice(('confirm', 'verify', 'make sure of'))} the "
+            f"{self.subject} details before answering, since the previous result "
+            "did not settle it."
+        )
+
+    def tool_args(self, tool: str) -> dict[str, object]:
+        """Return plausible, fresh arguments for ``tool``."""
+        rng = self.rng
+        return {
+            "q": f"{self.subject} {rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)}",
+            "page": rng.randint(1, 40),
+            "source": rng.choice(_NAMES),
+            "tool": tool,
+        }
+
+    # Sessions --------------------------------------------------------------
+
+    def build(self, user_cap_usd: float) -> SimulatedSession:
+        """Write the whole session for its ground truth; return it."""
+        root = self.open_agent()
+        self.llm(self.fresh_text(f"Plan for the {self.subject} request:"))
+        kind = self.session.expected
+        if kind == LOOP:
+            self._loop()
+        elif kind == BUDGET:
+            self._budget()
+        elif kind == TOOL_FAILURES:
+            self._tool_failures()
+        elif kind == RECURSION:
+            self._recursion()
+        elif kind == USER_CAP:
+            self._heavy(user_cap_usd)
+        else:
+            self._healthy()
+        self.llm(self.fresh_text("Final answer:"), finish="stop")
+        self.close_agent(root, "success" if kind == HEALTHY else "gave_up")
+        return self.session
+
+    def _work_step(self) -> None:
+        tool = self.rng.choice(self.profile.tools)
+        self.tool(tool, self.tool_args(tool), ok=self.rng.random() > 0.04)
+        self.llm(self.fresh_text(f"The {tool} result shows:"))
+
+    def _healthy(self) -> None:
+        for _ in range(self.rng.randint(1, 6)):
+            self._work_step()
+
+    def _loop(self) -> None:
+        for _ in range(self.rng.randint(1, 3)):
+            self._work_step()
+        tool = self.rng.choice(self.profile.tools)
+        args = self.tool_args(tool)
+        target = f"the {tool} output for page {args['page']}"
+        # Some loops repeat the same tool call, some only reword the same
+        # thought between varied calls; many do both.
+        same_call = self.rng.random() < 0.7
+        for _ in range(self.rng.randint(40, 70)):
+            call_args = args if same_call else self.tool_args(tool)
+            self.tool(tool, call_args, result_tokens=self.rng.randint(300, 700))
+            self.llm(self.loop_text(target))
+
+    def _budget(self) -> None:
+        self.model = _MODELS[self.rng.choice(("opus", "gpt-4.1", "pro"))]
+        self.context += self.rng.randint(60_000, 110_000)
+        for step in range(self.rng.randint(60, 90)):
+            tool = self.rng.choice(self.profile.tools)
+            result = self.rng.randint(2_000, 9_000)
+            self.tool(tool, self.tool_args(tool), result_tokens=result)
+            lead = f"Section {step + 1} of the {self.subject} report:"
+            text = self.fresh_text(lead) + " " + self.fresh_text("Evidence:") * 3
+            self.llm(text)
+            # Agents keep their window bounded by dropping the oldest turns.
+            self.context = min(self.context, 190_000)
+
+    def _tool_failures(self) -> None:
+        tool = self.rng.choice(self.profile.tools)
+        error = self.rng.choice(_ERRORS)
+        for attempt in range(self.rng.randint(30, 45)):
+            self.tool(tool, self.tool_args(tool), ok=False, result_tokens=80)
+            lead = (
+                f"Attempt {attempt + 1}: {tool} failed with {error}; retrying "
+                f"with a {self.rng.choice(_ADJECTIVES)} query instead."
+            )
+            self.llm(self.fresh_text(lead))
+
+    def _recursion(self) -> None:
+        opened: list[tuple[str, float]] = []
+        for level in range(self.rng.randint(18, 24)):
+            opened.append(self.open_agent())
+            tool = self.rng.choice(self.profile.tools)
+            self.llm(
+                self.fresh_text(
+                    f"Sub-task at level {level + 1} is too broad; delegating "
+                    "its parts to a new sub-agent."
+                )
+            )
+            self.tool(tool, self.tool_args(tool))
+        while opened:
+            self.close_agent(opened.pop(), "gave_up")
+
+    def _heavy(self, user_cap_usd: float) -> None:
+        # Each of the heavy user's sessions is ordinary on its own; four of
+        # them together spend past the user's daily cap.
+        self.model = _MODELS["sonnet"]
+        self.context += self.rng.randint(20_000, 40_000)
+        target = user_cap_usd / 4 * 1.6
+        spent = 0.0
+        while spent < target:
+            tool = self.rng.choice(self.profile.tools)
+            self.tool(
+                tool, self.tool_args(tool), result_tokens=self.rng.randint(1_000, 4_000)
+            )
+            before = self.context
+            self.llm(self.fresh_text(f"Batch result for {self.subject}:"))
+            spent += _list_price(self.model, before, self.cached_before(before))
+            self.context = min(self.context, 150_000)
+
+    def cached_before(self, context: int) -> int:
+        """Return the cached part of a call that read ``context`` tokens."""
+        return min(self.cached, context)
+
+
+def _list_price(model: _Model, input_tokens: int, cached_tokens: int) -> float:
+    """Estimate a call's input cost at Claude Sonnet list prices, in USD."""
+    del model
+    fresh = input_tokens - cached_tokens
+    return fresh * 3.0e-6 + cached_tokens * 0.3e-6 + 400 * 15.0e-6
