@@ -117,10 +117,18 @@ class KillCommand:
         reason: str,
         detail: str,
         issued_at: float,
+        *,
+        dedupe_key: str = "",
         **extra: Any,
     ) -> KillCommand:
-        """Build a kill command with its deterministic id."""
-        command_id = decision_id("kill", scope, target, reason)
+        """Build a kill command with its deterministic id.
+
+        Args:
+            dedupe_key: distinguishes kills of one reason on one target that
+                must not collapse into one (a user's daily cap on two days).
+        """
+        key = f"{reason}/{dedupe_key}" if dedupe_key else reason
+        command_id = decision_id("kill", scope, target, key)
         return cls(command_id, scope, target, reason, detail, issued_at, **extra)
 
     def to_json(self) -> bytes:
