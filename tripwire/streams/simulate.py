@@ -5,14 +5,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
 import orjson
 
 from tripwire.errors import ConfigError
-from tripwire.schemas.events import SpanEvent, SpanKind, ToolStatus
+from tripwire.schemas.events import (
+    Alert,
+    KillCommand,
+    Scope,
+    SpanEvent,
+    SpanKind,
+    ToolStatus,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -557,3 +564,179 @@ def _list_price(model: _Model, input_tokens: int, cached_tokens: int) -> float:
     del model
     fresh = input_tokens - cached_tokens
     return fresh * 3.0e-6 + cached_tokens * 0.3e-6 + 400 * 15.0e-6
+
+
+@dataclass(slots=True)
+class SessionScore:
+    """One simulated session: its ground truth beside what Tripwire did.
+
+    Attributes:
+        session: the simulated session.
+        full_steps: LLM and tool calls in its full, unstopped run.
+        full_cost_usd: cost of its full run.
+        steps_run: LLM and tool calls that ran before it was stopped.
+        cost_run_usd: cost of the spans that ran.
+        kill_reason: the reason of the first kill command that hit it.
+        killed_at_step: ``steps_run`` when the kill command arrived.
+        alerts: rules of the alerts raised on it, in order.
+        finished: its last span ran.
+    """
+
+    session: SimulatedSession
+    full_steps: int
+    full_cost_usd: float
+    steps_run: int = 0
+    cost_run_usd: float = 0.0
+    kill_reason: str | None = None
+    killed_at_step: int | None = None
+    alerts: list[str] = field(default_factory=list)
+    spans_run: int = 0
+    finished: bool = False
+
+    @property
+    def killed(self) -> bool:
+        """Whether a kill command stopped it."""
+        return self.kill_reason is not None
+
+    @property
+    def saved_usd(self) -> float:
+        """Cost of the part of its run that never happened."""
+        return max(0.0, self.full_cost_usd - self.cost_run_usd)
+
+    @property
+    def status(self) -> str:
+        """``killed``, ``finished``, ``running`` or ``waiting``."""
+        if self.killed:
+            return "killed"
+        if self.finished:
+            return "finished"
+        return "running" if self.spans_run else "waiting"
+
+
+@dataclass(slots=True)
+class ScoreReport:
+    """The confusion summary of a demo run."""
+
+    caught: list[SessionScore]
+    missed: list[SessionScore]
+    false_kills: list[SessionScore]
+    healthy_ok: list[SessionScore]
+
+    @property
+    def passed(self) -> bool:
+        """Every runaway caught and no healthy session killed."""
+        return not self.missed and not self.false_kills
+
+
+class Scoreboard:
+    """Follow a simulated fleet as its spans run and Tripwire's decisions arrive.
+
+    The simulated agents obey kill commands: once a session, or its user, is
+    killed, the rest of its spans never run. That is what makes the dollars
+    saved real: they are the cost of the spans that were not run.
+
+    Args:
+        fleet: the simulated fleet.
+        cost_of: prices one span in USD, with the detector's price book.
+    """
+
+    def __init__(self, fleet: Fleet, cost_of: Callable[[SpanEvent], float]) -> None:
+        self.fleet = fleet
+        self.cost_of = cost_of
+        self.scores: dict[str, SessionScore] = {}
+        for session in fleet.sessions:
+            steps = [span for span in session.spans if span.kind is not SpanKind.AGENT]
+            self.scores[session.session_id] = SessionScore(
+                session=session,
+                full_steps=len(steps),
+                full_cost_usd=sum(cost_of(span) for span in session.spans),
+            )
+        self._killed_users: dict[str, str] = {}
+        self._last_span = {s.session_id: s.spans[-1].span_id for s in fleet.sessions}
+
+    def runs(self, span: SpanEvent) -> bool:
+        """Return whether ``span`` still runs, its session and user not killed."""
+        score = self.scores.get(span.session_id)
+        if score is None or score.killed:
+            return False
+        reason = self._killed_users.get(span.user_id or "")
+        if reason is None:
+            return True
+        # The user was stopped: this session's agent refuses its next step.
+        self._kill(score, reason)
+        return False
+
+    def ran(self, span: SpanEvent) -> None:
+        """Count ``span`` as run: its steps and its cost."""
+        score = self.scores.get(span.session_id)
+        if score is None:
+            return
+        score.spans_run += 1
+        if span.kind is not SpanKind.AGENT:
+            score.steps_run += 1
+        score.cost_run_usd += self.cost_of(span)
+        if span.span_id == self._last_span[span.session_id]:
+            score.finished = True
+
+    def decide(self, decision: KillCommand | Alert) -> list[SessionScore]:
+        """Apply one decision; return the sessions it changed.
+
+        Args:
+            decision: a kill command or an alert from Tripwire.
+
+        Returns:
+            The scores of the sessions the decision stopped or flagged.
+        """
+        if isinstance(decision, Alert):
+            score = self.scores.get(decision.session_id or decision.target)
+            if score is None or decision.rule in score.alerts:
+                return []
+            score.alerts.append(decision.rule)
+            return [score]
+
+        if decision.scope is Scope.SESSION:
+            score = self.scores.get(decision.session_id or decision.target)
+            if score is None or score.killed:
+                return []
+            self._kill(score, decision.reason)
+            return [score]
+
+        if decision.scope is Scope.USER:
+            self._killed_users.setdefault(decision.target, decision.reason)
+            changed = []
+            for score in self.scores.values():
+                if (
+                    score.session.user_id == decision.target
+                    and score.spans_run
+                    and not score.finished
+                    and not score.killed
+                ):
+                    self._kill(score, decision.reason)
+                    changed.append(score)
+            return changed
+        return []
+
+    def report(self) -> ScoreReport:
+        """Return the confusion summary: caught, missed, false kills, healthy."""
+        self._settle_blocked_users()
+        caught: list[SessionScore] = []
+        missed: list[SessionScore] = []
+        false_kills: list[SessionScore] = []
+        healthy_ok: list[SessionScore] = []
+        for score in self.scores.values():
+            if score.session.runaway:
+                (caught if score.killed else missed).append(score)
+            else:
+                (false_kills if score.killed else healthy_ok).append(score)
+        return ScoreReport(caught, missed, false_kills, healthy_ok)
+
+    def _kill(self, score: SessionScore, reason: str) -> None:
+        score.kill_reason = reason
+        score.killed_at_step = score.steps_run
+
+    def _settle_blocked_users(self) -> None:
+        # Sessions of a killed user that had not started yet never ran.
+        for score in self.scores.values():
+            reason = self._killed_users.get(score.session.user_id)
+            if reason is not None and not score.spans_run and not score.killed:
+                self._kill(score, reason)
