@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -39,6 +40,10 @@ DEFAULT_START_TIME: Final = 1_748_854_800.0
 
 # Sessions arrive over this many event-time seconds.
 _ARRIVAL_WINDOW_S: Final = 240.0
+# Each of the batch user's sessions reads this share of the session token
+# budget; together they read this multiple of the user's daily cap.
+_BATCH_SHARE: Final = 0.85
+_BATCH_EXCESS: Final = 1.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,67 +222,94 @@ def simulate_fleet(
     seed: int = 7,
     *,
     start_time: float = DEFAULT_START_TIME,
-    user_cap_usd: float = 50.0,
+    session_token_budget: int = 500_000,
+    user_daily_tokens: int = 5_000_000,
 ) -> Fleet:
     """Simulate a fleet of agent sessions, most healthy, some runaway.
 
     Roughly one session in ten loops, one in twenty burns budget and one in
-    twenty fights failing tools; one recurses into ever deeper sub-agents; and,
-    from 12 sessions up, one user runs enough ordinary sessions to go over the
-    daily cap. The same arguments always give the same spans.
+    twenty fights failing tools, and one recurses into ever deeper sub-agents.
+    When the fleet is large enough, one user also fans out a batch of
+    sessions, each ordinary on its own, that together read more tokens than
+    the user's daily cap. The same arguments always give the same spans.
 
     Args:
-        sessions: how many sessions to simulate, at least 6 so every runaway
-            kind but the user cap appears.
+        sessions: how many sessions to simulate, at least 6.
         seed: seed of the random generator.
         start_time: event time (Unix seconds) of the first session's start.
-        user_cap_usd: the daily spend cap the heavy user's sessions add up to
-            more than, in USD.
+        session_token_budget: the per-session token budget the batch user's
+            sessions each stay under.
+        user_daily_tokens: the per-user daily token cap they add up to more
+            than.
 
     Returns:
         The fleet, its sessions in a shuffled but seed-determined order.
 
     Raises:
-        ConfigError: ``sessions`` is below 6 or ``user_cap_usd`` is not > 0.
+        ConfigError: ``sessions`` is below 6, or a token figure is not > 0.
     """
     if sessions < 6:
         raise ConfigError(
             f"simulated sessions must be >= 6, got {sessions}: fewer cannot hold "
             "one session of each runaway kind; pass --sessions 6 or more"
         )
-    if user_cap_usd <= 0:
-        raise ConfigError(f"user daily cap must be > 0 USD, got {user_cap_usd}")
+    if session_token_budget <= 0 or user_daily_tokens <= 0:
+        raise ConfigError(
+            "session token budget and user daily token cap must be > 0, got "
+            f"{session_token_budget} and {user_daily_tokens}"
+        )
 
     rng = random.Random(seed)
-    kinds = _deal_kinds(sessions, rng)
+    per_batch_session = int(session_token_budget * _BATCH_SHARE)
+    batch_size = math.ceil(user_daily_tokens * _BATCH_EXCESS / per_batch_session)
+    kinds = _deal_kinds(sessions, batch_size, rng)
     users = [f"user-{rng.randrange(1000, 9999)}" for _ in range(max(3, sessions // 4))]
-    heavy_user = f"user-{rng.randrange(10000, 99999)}"
+    batch_user = f"user-{rng.randrange(10000, 99999)}"
+    batch_start = start_time + rng.uniform(20.0, 60.0)
     built: list[SimulatedSession] = []
+    batch_tokens = 0
     for index, kind in enumerate(kinds):
-        begin = (
-            start_time + rng.uniform(0.0, _ARRIVAL_WINDOW_S) if index else start_time
+        if kind == USER_CAP:
+            user, begin = batch_user, batch_start + rng.uniform(0.0, 10.0)
+        else:
+            user = rng.choice(users)
+            begin = start_time + (rng.uniform(0.0, _ARRIVAL_WINDOW_S) if index else 0)
+        session = _SessionBuilder(rng, index, user, kind, begin).build(
+            per_batch_session
         )
-        user = heavy_user if kind == USER_CAP else rng.choice(users)
-        builder = _SessionBuilder(rng, index, user, kind, begin)
-        built.append(builder.build(user_cap_usd))
+        built.append(session)
+        if kind == USER_CAP:
+            batch_tokens += _tokens(session)
+    # The batch must go over the cap whatever the draws; top it up if short.
+    while USER_CAP in kinds and batch_tokens <= user_daily_tokens * _BATCH_EXCESS:
+        begin = batch_start + rng.uniform(0.0, 10.0)
+        builder = _SessionBuilder(rng, len(built), batch_user, USER_CAP, begin)
+        built.append(builder.build(per_batch_session))
+        batch_tokens += _tokens(built[-1])
 
     logger.debug("simulated %d sessions with seed %d", len(built), seed)
     return Fleet(seed=seed, sessions=built)
 
 
-def _deal_kinds(sessions: int, rng: random.Random) -> list[str]:
+def _deal_kinds(sessions: int, batch_size: int, rng: random.Random) -> list[str]:
     """Return the ground truth of each session, shuffled by ``rng``."""
     counts = {
         LOOP: max(1, round(sessions * 0.10)),
         BUDGET: max(1, round(sessions * 0.05)),
         TOOL_FAILURES: max(1, round(sessions * 0.05)),
         RECURSION: 1,
-        USER_CAP: 4 if sessions >= 12 else 0,
     }
+    # The batch user only joins when healthy sessions can still outnumber it.
+    if sessions - sum(counts.values()) >= 2 * batch_size:
+        counts[USER_CAP] = batch_size
     kinds = [kind for kind, count in counts.items() for _ in range(count)]
     kinds += [HEALTHY] * (sessions - len(kinds))
     rng.shuffle(kinds)
     return kinds
+
+
+def _tokens(session: SimulatedSession) -> int:
+    return sum(span.input_tokens + span.output_tokens for span in session.spans)
 
 
 def _hex(rng: random.Random, digits: int) -> str:
@@ -314,6 +346,7 @@ class _SessionBuilder:
         self.clock = start_time
         self.context = self.profile.system_tokens + rng.randint(200, 900)
         self.cached = 0
+        self.tokens_used = 0
         self.parents: list[str] = []
         self.subject = rng.choice(self.profile.subjects)
 
@@ -368,6 +401,7 @@ class _SessionBuilder:
         )
         self.clock = end
         self.cached = self.context
+        self.tokens_used += self.context + output_tokens
         self.context += output_tokens
 
     def tool(
@@ -454,7 +488,7 @@ class _SessionBuilder:
 
     # Sessions --------------------------------------------------------------
 
-    def build(self, user_cap_usd: float) -> SimulatedSession:
+    def build(self, batch_tokens: int) -> SimulatedSession:
         """Write the whole session for its ground truth; return it."""
         root = self.open_agent()
         self.llm(self.fresh_text(f"Plan for the {self.subject} request:"))
@@ -468,7 +502,7 @@ class _SessionBuilder:
         elif kind == RECURSION:
             self._recursion()
         elif kind == USER_CAP:
-            self._heavy(user_cap_usd)
+            self._batch(batch_tokens)
         else:
             self._healthy()
         self.llm(self.fresh_text("Final answer:"), finish="stop")
@@ -537,33 +571,23 @@ class _SessionBuilder:
         while opened:
             self.close_agent(opened.pop(), "gave_up")
 
-    def _heavy(self, user_cap_usd: float) -> None:
-        # Each of the heavy user's sessions is ordinary on its own; four of
-        # them together spend past the user's daily cap.
-        self.model = _MODELS["sonnet"]
-        self.context += self.rng.randint(20_000, 40_000)
-        target = user_cap_usd / 4 * 1.6
-        spent = 0.0
-        while spent < target:
-            tool = self.rng.choice(self.profile.tools)
-            self.tool(
-                tool, self.tool_args(tool), result_tokens=self.rng.randint(1_000, 4_000)
-            )
-            before = self.context
-            self.llm(self.fresh_text(f"Batch result for {self.subject}:"))
-            spent += _list_price(self.model, before, self.cached_before(before))
-            self.context = min(self.context, 150_000)
-
-    def cached_before(self, context: int) -> int:
-        """Return the cached part of a call that read ``context`` tokens."""
-        return min(self.cached, context)
-
-
-def _list_price(model: _Model, input_tokens: int, cached_tokens: int) -> float:
-    """Estimate a call's input cost at Claude Sonnet list prices, in USD."""
-    del model
-    fresh = input_tokens - cached_tokens
-    return fresh * 3.0e-6 + cached_tokens * 0.3e-6 + 400 * 15.0e-6
+    def _batch(self, token_target: int) -> None:
+        # One of the batch user's sessions: a summary per long document,
+        # ordinary on its own; the batch together reads more than the user's
+        # daily token cap.
+        self.model = _MODELS["flash"]
+        base = self.context
+        while True:
+            doc_tokens = self.rng.randint(50_000, 70_000)
+            # This call reads the document; the final answer only the base.
+            if self.tokens_used + 2 * base + doc_tokens + 1_200 > token_target:
+                break
+            doc = f"{self.rng.choice(_NAMES)}-{self.rng.randint(1, 9999)}"
+            self.tool("fetch_document", {"doc": doc}, result_tokens=doc_tokens)
+            self.llm(self.fresh_text(f"Summary of {doc}:"))
+            # The summary is filed; the document leaves the context.
+            self.context = base
+            self.cached = base
 
 
 @dataclass(slots=True)
