@@ -540,10 +540,13 @@ class _SessionBuilder:
             result = self.rng.randint(2_000, 9_000)
             self.tool(tool, self.tool_args(tool), result_tokens=result)
             lead = f"Section {step + 1} of the {self.subject} report:"
-            text = self.fresh_text(lead) + " " + self.fresh_text("Evidence:") * 3
-            self.llm(text)
-            # Agents keep their window bounded by dropping the oldest turns.
-            self.context = min(self.context, 190_000)
+            evidence = (self.fresh_text("Evidence:") for _ in range(3))
+            self.llm(" ".join((self.fresh_text(lead), *evidence)))
+            if self.context > 190_000:
+                # The agent drops its oldest turns, which breaks the cached
+                # prefix after the system prompt.
+                self.context = 120_000
+                self.cached = self.profile.system_tokens
 
     def _tool_failures(self) -> None:
         tool = self.rng.choice(self.profile.tools)
@@ -603,7 +606,9 @@ class SessionScore:
         kill_reason: the reason of the first kill command that hit it.
         killed_at_step: ``steps_run`` when the kill command arrived.
         alerts: rules of the alerts raised on it, in order.
+        spans_run: spans of it that ran, agent spans included.
         finished: its last span ran.
+        user_kill_reason: the reason its user was killed, even after it ended.
     """
 
     session: SimulatedSession
@@ -616,11 +621,19 @@ class SessionScore:
     alerts: list[str] = field(default_factory=list)
     spans_run: int = 0
     finished: bool = False
+    user_kill_reason: str | None = None
 
     @property
     def killed(self) -> bool:
         """Whether a kill command stopped it."""
         return self.kill_reason is not None
+
+    @property
+    def caught(self) -> bool:
+        """Whether it was stopped; a user-cap session also once its user was."""
+        if self.killed:
+            return True
+        return self.session.expected == USER_CAP and self.user_kill_reason is not None
 
     @property
     def saved_usd(self) -> float:
@@ -749,7 +762,7 @@ class Scoreboard:
         healthy_ok: list[SessionScore] = []
         for score in self.scores.values():
             if score.session.runaway:
-                (caught if score.killed else missed).append(score)
+                (caught if score.caught else missed).append(score)
             else:
                 (false_kills if score.killed else healthy_ok).append(score)
         return ScoreReport(caught, missed, false_kills, healthy_ok)
@@ -759,8 +772,11 @@ class Scoreboard:
         score.killed_at_step = score.steps_run
 
     def _settle_blocked_users(self) -> None:
-        # Sessions of a killed user that had not started yet never ran.
         for score in self.scores.values():
             reason = self._killed_users.get(score.session.user_id)
-            if reason is not None and not score.spans_run and not score.killed:
+            if reason is None:
+                continue
+            score.user_kill_reason = reason
+            # Sessions of a killed user that had not started yet never ran.
+            if not score.spans_run and not score.killed:
                 self._kill(score, reason)
