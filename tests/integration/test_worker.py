@@ -1,0 +1,470 @@
+"""The `tripwire worker` process on the real broker and Redis, end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from tripwire.schemas.events import Alert, KillCommand, Scope, SpanEvent, SpanKind
+from tripwire.schemas.killswitch import redis_kill_key
+from tripwire.schemas.native import encode_native
+from tripwire.streams.app import DLQ_OFFSET, DLQ_PARTITION, DLQ_REASON, DLQ_TOPIC
+from tripwire.streams.core import Detector
+from tripwire.streams.embedded import EmbeddedRuntime
+from tripwire.streams.policy import Policy
+from tripwire.streams.pricing import PriceBook
+from tripwire.streams.simulate import simulate_fleet
+
+START_SECONDS = 120.0
+WAIT_SECONDS = 60.0
+BASE_TIME = 1_750_000_000.0
+PARTITIONS = 2
+
+# The policy the worker and the in-process reference both run with; the
+# defaults, spelled out so that an environment variable cannot change them.
+POLICY_ENV = {"TRIPWIRE_SESSION_BUDGET_USD": "2.0"}
+
+Decision = KillCommand | Alert
+Key = tuple[str, str, str]
+
+
+@dataclass
+class Worker:
+    """A running `tripwire worker` subprocess and what it was configured with."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+    web: str
+    bootstrap: str
+    redis_url: str
+    topics: dict[str, str]
+    app_id: str
+
+    def log_tail(self, lines: int = 60) -> str:
+        text = self.log.read_text(encoding="utf-8", errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.web + path, timeout=5) as response:
+                return int(response.status), bytes(response.read())
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), bytes(exc.read())
+
+    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        status, body = self.get("/metrics")
+        assert status == 200, body
+        samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+        for family in text_string_to_metric_families(body.decode()):
+            for sample in family.samples:
+                key = (sample.name, frozenset(sample.labels.items()))
+                samples[key] = sample.value
+        return samples
+
+    def session(self, session_id: str) -> dict[str, Any] | None:
+        status, body = self.get(f"/sessions/{session_id}")
+        if status == 404:
+            return None
+        assert status == 200, body
+        document: dict[str, Any] = json.loads(body)
+        return document
+
+
+def _metric(
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float],
+    name: str,
+    **labels: str,
+) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def _wait_until_up(worker: Worker) -> None:
+    deadline = time.monotonic() + START_SECONDS
+    while time.monotonic() < deadline:
+        if worker.process.poll() is not None:
+            pytest.fail(
+                f"worker exited with {worker.process.returncode}:\n{worker.log_tail()}"
+            )
+        try:
+            status, _ = worker.get("/metrics")
+        except OSError:
+            status = 0
+        if status == 200:
+            return
+        time.sleep(0.5)
+    pytest.fail(f"worker did not serve /metrics in {START_SECONDS}s:\n{worker.log_tail()}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+async def _delete_topics(bootstrap: str, prefix: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        names = [name for name in await admin.list_topics() if name.startswith(prefix)]
+        if names:
+            await admin.delete_topics(names)
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="module")
+def worker(
+    kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Worker]:
+    """Start one worker on fresh topics and a fresh app id for this module."""
+    run = uuid.uuid4().hex[:10]
+    prefix = f"tripwire-test-worker-{run}"
+    topics = {
+        "spans": f"{prefix}.spans",
+        "otlp": f"{prefix}.otlp",
+        "killswitch": f"{prefix}.killswitch",
+        "alerts": f"{prefix}.alerts",
+        "dlq": f"{prefix}.dlq",
+    }
+    port = _free_port()
+    data = tmp_path_factory.mktemp("worker")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("TRIPWIRE_")},
+        **POLICY_ENV,
+        "TRIPWIRE_APP_ID": prefix,
+        "TRIPWIRE_BROKER": kafka_bootstrap,
+        "TRIPWIRE_REDIS_URL": redis_url,
+        "TRIPWIRE_WEB_PORT": str(port),
+        "TRIPWIRE_DATA_DIR": str(data),
+        "TRIPWIRE_PARTITIONS": str(PARTITIONS),
+        "TRIPWIRE_BATCH_WITHIN_SECONDS": "0.05",
+        "TRIPWIRE_COMMIT_INTERVAL_SECONDS": "0.5",
+        "TRIPWIRE_SESSION_TIMEOUT_SECONDS": "10",
+        "TRIPWIRE_HEARTBEAT_INTERVAL_SECONDS": "1",
+        **{f"TRIPWIRE_TOPIC_{name.upper()}": topic for name, topic in topics.items()},
+    }
+    log = data / "worker.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tripwire", "worker"],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    running = Worker(
+        process,
+        log,
+        f"http://127.0.0.1:{port}",
+        kafka_bootstrap,
+        redis_url,
+        topics,
+        prefix,
+    )
+    try:
+        _wait_until_up(running)
+        yield running
+    finally:
+        _stop(process)
+        asyncio.run(_delete_topics(kafka_bootstrap, prefix))
+    assert process.returncode == 0, running.log_tail()
+
+
+@pytest.fixture
+async def producer(worker: Worker) -> AsyncIterator[AIOKafkaProducer]:
+    """An idle Kafka producer on the test broker."""
+    client = AIOKafkaProducer(bootstrap_servers=worker.bootstrap, acks="all")
+    await client.start()
+    try:
+        yield client
+    finally:
+        await client.stop()
+
+
+async def _produce(
+    producer: AIOKafkaProducer,
+    topic: str,
+    records: Iterable[tuple[bytes | None, bytes]],
+) -> None:
+    for key, value in records:
+        await producer.send(topic, value=value, key=key)
+    await producer.flush()
+
+
+def _spans_records(spans: Iterable[SpanEvent]) -> list[tuple[bytes | None, bytes]]:
+    return [
+        (span.session_id.encode(), encode_native(span, include_text=True))
+        for span in spans
+    ]
+
+
+async def _consume_until(
+    bootstrap: str,
+    topics: list[str],
+    done: Callable[[list[Any]], bool],
+    timeout: float = WAIT_SECONDS,
+) -> list[Any]:
+    """Read ``topics`` from the start until ``done(records)`` or the timeout."""
+    consumer = AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=bootstrap,
+        group_id=f"tripwire-test-reader-{uuid.uuid4().hex[:10]}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    records: list[Any] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while not done(records) and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=300)
+            for batch in batches.values():
+                records.extend(batch)
+    finally:
+        await consumer.stop()
+    return records
+
+
+async def _wait_for(predicate: Callable[[], bool], timeout: float = WAIT_SECONDS) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await asyncio.to_thread(predicate):
+            return True
+        await asyncio.sleep(0.2)
+    return False
+
+
+def _llm_span(
+    session_id: str, index: int, cost_usd: float, user_id: str | None = None
+) -> SpanEvent:
+    end = BASE_TIME + index * 120.0
+    return SpanEvent(
+        span_id=f"{session_id}-span-{index}",
+        trace_id=f"{session_id}-trace",
+        session_id=session_id,
+        kind=SpanKind.LLM,
+        start_time=end - 2.0,
+        end_time=end,
+        user_id=user_id or f"{session_id}-user",
+        agent_name="researcher",
+        model="gpt-4o",
+        provider="openai",
+        input_tokens=1200,
+        output_tokens=300,
+        cost_usd=cost_usd,
+    )
+
+
+def _decision_key(decision: Decision) -> Key:
+    if isinstance(decision, KillCommand):
+        return ("kill", decision.target, decision.reason)
+    return ("alert", decision.target, decision.rule)
+
+
+def _record_key(topic: str, value: bytes, topics: dict[str, str]) -> Key:
+    record = orjson.loads(value)
+    if topic == topics["killswitch"]:
+        return ("kill", record["target"], record["reason"])
+    return ("alert", record["target"], record["rule"])
+
+
+def _reference_decisions(spans: Iterable[SpanEvent]) -> set[Key]:
+    """Run the spans through the detector in-process, as `tripwire replay` does."""
+    policy = Policy.from_env({**POLICY_ENV})
+    runtime = EmbeddedRuntime(Detector(policy, PriceBook.load()))
+    decisions: set[Key] = set()
+    for span in spans:
+        decisions.update(_decision_key(d) for d in runtime.feed(span))
+    return decisions
+
+
+# Tests ------------------------------------------------------------------------
+
+
+async def test_runaway_session_is_killed_and_healthy_one_is_not(
+    worker: Worker, producer: AIOKafkaProducer
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    runaway, healthy = f"runaway-{run}", f"healthy-{run}"
+    spans = [_llm_span(runaway, i, 0.45) for i in range(6)]
+    spans += [_llm_span(healthy, i, 0.01) for i in range(3)]
+
+    await _produce(producer, worker.topics["spans"], _spans_records(spans))
+    records = await _consume_until(
+        worker.bootstrap,
+        [worker.topics["killswitch"]],
+        lambda got: any(r.key == runaway.encode() for r in got),
+    )
+    assert await _wait_for(lambda: (worker.session(healthy) or {}).get("spans") == 3)
+
+    kills = [orjson.loads(r.value) for r in records if r.key == runaway.encode()]
+    assert [k["reason"] for k in kills] == ["session_cost_budget"]
+    assert kills[0]["scope"] == "session"
+    flag = redis.Redis.from_url(worker.redis_url)
+    try:
+        stored = flag.get(redis_kill_key(Scope.SESSION, runaway))
+        assert stored is not None
+        assert orjson.loads(stored)["command_id"] == kills[0]["command_id"]
+        assert flag.get(redis_kill_key(Scope.SESSION, healthy)) is None
+    finally:
+        flag.close()
+    later = await _consume_until(
+        worker.bootstrap, [worker.topics["killswitch"]], lambda got: False, timeout=2.0
+    )
+    assert not [r for r in later if r.key == healthy.encode()]
+
+
+async def test_worker_decisions_match_the_embedded_runtime(
+    worker: Worker, producer: AIOKafkaProducer
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    fleet = simulate_fleet(sessions=24, seed=7)
+    # Fresh ids, so that no other test's sessions or users mix in.
+    spans = [
+        replace(
+            span,
+            session_id=f"{run}-{span.session_id}",
+            user_id=f"{run}-{span.user_id}" if span.user_id else None,
+            span_id=f"{run}-{span.span_id}",
+        )
+        for span in fleet.spans()
+    ]
+    expected = _reference_decisions(spans)
+    assert any(kind == "kill" for kind, _, _ in expected)
+
+    await _produce(producer, worker.topics["spans"], _spans_records(spans))
+
+    def ours(records: list[Any]) -> set[Key]:
+        keys = {_record_key(r.topic, r.value, worker.topics) for r in records}
+        return {key for key in keys if key[1].startswith(run)}
+
+    records = await _consume_until(
+        worker.bootstrap,
+        [worker.topics["killswitch"], worker.topics["alerts"]],
+        lambda got: ours(got) >= expected,
+    )
+    assert ours(records) == expected
+
+
+async def test_malformed_records_are_dead_lettered_and_good_ones_processed(
+    worker: Worker, producer: AIOKafkaProducer
+) -> None:
+    session = f"dlq-{uuid.uuid4().hex[:8]}"
+    good = _spans_records([_llm_span(session, 0, 0.01), _llm_span(session, 1, 0.01)])
+    bad = [
+        (session.encode(), b"{not json"),
+        (session.encode(), b'{"span_id": "x", "kind": "llm"}'),
+        (None, b"[1, 2, 3]"),
+    ]
+    records = [good[0], bad[0], bad[1], good[1], bad[2]]
+
+    await _produce(producer, worker.topics["spans"], records)
+    dead = await _consume_until(
+        worker.bootstrap,
+        [worker.topics["dlq"]],
+        lambda got: sum(r.value in {v for _, v in bad} for r in got) >= len(bad),
+    )
+    assert await _wait_for(lambda: (worker.session(session) or {}).get("spans") == 2)
+
+    ours = [r for r in dead if r.value in {v for _, v in bad}]
+    assert sorted(r.value for r in ours) == sorted(v for _, v in bad)
+    for record in ours:
+        headers = dict(record.headers)
+        assert headers[DLQ_REASON]
+        assert headers[DLQ_TOPIC] == worker.topics["spans"].encode()
+        assert int(headers[DLQ_PARTITION]) in range(PARTITIONS)
+        assert int(headers[DLQ_OFFSET]) >= 0
+    reasons = {dict(r.headers)[DLQ_REASON].decode() for r in ours}
+    assert any("JSON" in reason for reason in reasons)
+    assert worker.process.poll() is None
+
+
+async def test_duplicated_spans_leave_session_totals_unchanged(
+    worker: Worker, producer: AIOKafkaProducer
+) -> None:
+    session = f"dup-{uuid.uuid4().hex[:8]}"
+    records = _spans_records(_llm_span(session, i, 0.1) for i in range(4))
+    before = worker.metrics()
+
+    await _produce(producer, worker.topics["spans"], records)
+    assert await _wait_for(lambda: (worker.session(session) or {}).get("spans") == 4)
+    first = worker.session(session)
+    await _produce(producer, worker.topics["spans"], records)
+    assert await _wait_for(
+        lambda: _metric(worker.metrics(), "tripwire_spans_total", outcome="duplicate")
+        >= _metric(before, "tripwire_spans_total", outcome="duplicate") + 4
+    )
+
+    assert first is not None
+    assert worker.session(session) == first
+    assert first["llm_calls"] == 4
+    assert first["cost_usd"] == pytest.approx(0.4)
+
+
+async def test_metrics_counters_move(
+    worker: Worker, producer: AIOKafkaProducer
+) -> None:
+    session = f"metrics-{uuid.uuid4().hex[:8]}"
+    before = worker.metrics()
+    labels = {"model": "gpt-4o", "provider": "openai", "agent": "researcher"}
+
+    await _produce(
+        producer,
+        worker.topics["spans"],
+        _spans_records(_llm_span(session, i, 0.25) for i in range(2)),
+    )
+    assert await _wait_for(lambda: (worker.session(session) or {}).get("spans") == 2)
+    after = worker.metrics()
+
+    def moved(name: str, **extra: str) -> float:
+        return _metric(after, name, **extra) - _metric(before, name, **extra)
+
+    assert moved("tripwire_spans_total", outcome="processed") >= 2
+    assert moved("llm_calls_total", **labels) >= 2
+    assert moved("llm_cost_usd_total", **labels) >= 0.5 - 1e-9
+    assert moved("llm_tokens_total", type="input", model="gpt-4o", provider="openai") >= 2400
+    assert moved("gen_ai_usage_input_tokens_count", model="gpt-4o", provider="openai") >= 2
+    assert moved("tripwire_processing_lag_seconds_count") >= 2
+    assert _metric(after, "tripwire_last_batch_timestamp_seconds") > 0
+    for (name, label_set), _ in after.items():
+        assert not any(session in value for _, value in label_set), name
+
+
+async def test_unknown_session_is_404(worker: Worker) -> None:
+    status, body = worker.get(f"/sessions/never-seen-{uuid.uuid4().hex[:8]}")
+
+    assert status == 404
+    assert b"not in this worker" in body

@@ -1,0 +1,687 @@
+"""The Faust worker: topics, tables and processors around the detection core."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import socket
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import faust
+import orjson
+from faust import streams as faust_streams
+from faust.types import EventT
+
+from tripwire.config import WorkerSettings
+from tripwire.errors import ConfigError, SpanValidationError, TripwireError
+from tripwire.schemas.events import Alert, KillCommand, Scope, SpanEvent
+from tripwire.schemas.native import decode_native, encode_native
+from tripwire.schemas.otlp import OtlpEncoding, decode_otlp
+from tripwire.streams.core import Detector
+from tripwire.streams.effects import DecisionPublisher, RedisMirror
+from tripwire.streams.metrics import CONTENT_TYPE, WorkerMetrics
+from tripwire.streams.policy import RULE_BIT, RULES
+from tripwire.streams.state import SessionState, Usage, UserDayState
+
+logger = logging.getLogger(__name__)
+
+Decision = KillCommand | Alert
+
+SESSION_TABLE = "sessions"
+USER_DAY_TABLE = "user-days"
+
+# Headers of a dead-letter record; its key and value are the original ones.
+DLQ_REASON = "tripwire.dlq.reason"
+DLQ_FIELD = "tripwire.dlq.field"
+DLQ_TOPIC = "tripwire.dlq.topic"
+DLQ_PARTITION = "tripwire.dlq.partition"
+DLQ_OFFSET = "tripwire.dlq.offset"
+DLQ_AT = "tripwire.dlq.at"
+
+
+@dataclass(slots=True)
+class _SessionBatch:
+    """The spans of one session in a batch, with the last event that carried one."""
+
+    event: EventT
+    spans: list[SpanEvent] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _UserDayBatch:
+    """The usage records of one user-day in a batch, with the last event."""
+
+    event: EventT
+    usages: list[Usage] = field(default_factory=list)
+
+
+class TripwireApp:
+    """The Faust application of one worker, and the state its processors share.
+
+    Args:
+        settings: validated worker settings.
+        detector: the detection core, with its policy and price book.
+        metrics: where to count; a fresh private registry when omitted.
+    """
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        detector: Detector,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.detector = detector
+        self.metrics = metrics if metrics is not None else WorkerMetrics()
+        self.mirror: RedisMirror | None = None
+        self.app = self._build_app()
+        self._declare_topics()
+        self._declare_tables()
+        self.publisher = DecisionPublisher(
+            self._sender(self.killswitch_topic),
+            self._sender(self.alerts_topic),
+            self.metrics,
+            None,
+        )
+        self._declare_processors()
+        self._declare_views()
+
+    # Wiring ------------------------------------------------------------------
+
+    def _build_app(self) -> faust.App:
+        settings = self.settings
+        advertised = settings.web_host
+        if advertised in ("0.0.0.0", "::"):
+            advertised = socket.gethostname()
+        return faust.App(
+            settings.app_id,
+            broker=settings.broker_url,
+            store=settings.store,
+            datadir=str(settings.data_dir),
+            topic_partitions=settings.partitions,
+            topic_replication_factor=settings.replication_factor,
+            topic_allow_declare=True,
+            key_serializer="raw",
+            value_serializer="raw",
+            web_enabled=True,
+            web_bind=settings.web_host,
+            web_port=settings.web_port,
+            canonical_url=f"http://{advertised}:{settings.web_port}",
+            broker_commit_interval=settings.commit_interval_seconds,
+            broker_session_timeout=settings.session_timeout_seconds,
+            broker_heartbeat_interval=settings.heartbeat_interval_seconds,
+            broker_rebalance_timeout=settings.session_timeout_seconds,
+            consumer_auto_offset_reset="earliest",
+            # Effects are idempotent (deterministic command ids, the Redis
+            # marker, span-id dedupe), so a batch cut short by a rebalance is
+            # simply processed again.
+            stream_wait_empty=False,
+            stream_recovery_delay=0.0,
+            table_standby_replicas=0,
+            producer_acks=-1,
+            autodiscover=False,
+            web_in_thread=False,
+        )
+
+    def _declare_topics(self) -> None:
+        settings = self.settings
+        names = settings.topics
+
+        def topic(name: str, partitions: int | None = None) -> faust.TopicT:
+            return self.app.topic(
+                name,
+                key_type=bytes,
+                value_type=bytes,
+                key_serializer="raw",
+                value_serializer="raw",
+                partitions=partitions,
+            )
+
+        self.spans_topic = topic(names.spans, settings.partitions)
+        self.otlp_topic = topic(names.otlp)
+        self.killswitch_topic = topic(names.killswitch)
+        self.alerts_topic = topic(names.alerts)
+        self.dlq_topic = topic(names.dlq)
+        self.usage_topic = topic(settings.usage_topic, settings.partitions)
+
+    def _declare_tables(self) -> None:
+        partitions = self.settings.partitions
+        self.sessions = self.app.Table(
+            SESSION_TABLE,
+            default=None,
+            partitions=partitions,
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+            help="session id -> encoded SessionState",
+        )
+        self.user_days = self.app.Table(
+            USER_DAY_TABLE,
+            default=None,
+            partitions=partitions,
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+            help="user id + event-time day -> encoded UserDayState",
+        )
+
+    def _declare_processors(self) -> None:
+        settings = self.settings
+        app = self.app
+
+        @app.agent(self.spans_topic, name="tripwire.process_spans")
+        async def process_spans(stream: faust.StreamT[bytes]) -> None:
+            async for events in stream.take_events(
+                settings.batch_size, within=settings.batch_within_seconds
+            ):
+                await self.handle_span_batch(events)
+
+        @app.agent(self.usage_topic, name="tripwire.process_usage")
+        async def process_usage(stream: faust.StreamT[bytes]) -> None:
+            async for events in stream.take_events(
+                settings.batch_size, within=settings.batch_within_seconds
+            ):
+                await self.handle_usage_batch(events)
+
+        if settings.otlp_enabled:
+
+            @app.agent(self.otlp_topic, name="tripwire.process_otlp")
+            async def process_otlp(stream: faust.StreamT[bytes]) -> None:
+                async for events in stream.take_events(
+                    settings.batch_size, within=settings.batch_within_seconds
+                ):
+                    await self.handle_otlp_batch(events)
+
+        @app.on_rebalance_complete.connect
+        async def on_rebalance_complete(sender: Any, **kwargs: Any) -> None:
+            assigned = sorted(
+                f"{tp.topic}[{tp.partition}]" for tp in app.assignment.assigned_actives()
+            )
+            logger.info("partitions assigned: %s", ", ".join(assigned) or "none")
+
+        @app.on_after_configured.connect
+        def on_after_configured(sender: Any, **kwargs: Any) -> None:
+            logger.debug("faust app %s configured", settings.app_id)
+
+    def _declare_views(self) -> None:
+        app = self.app
+        metrics = self.metrics
+
+        @app.page("/metrics")
+        async def metrics_view(web: Any, request: Any) -> Any:
+            metrics.sessions_in_table.set(len(self.sessions))
+            return web.bytes(metrics.render(), content_type=CONTENT_TYPE)
+
+        @app.page("/sessions/{session_id}")
+        @app.table_route(table=self.sessions, match_info="session_id")
+        async def session_view(web: Any, request: Any, session_id: str) -> Any:
+            document = self.session_document(session_id)
+            if document is None:
+                return web.json(
+                    {"error": f"session {session_id!r} is not in this worker's table"},
+                    status=404,
+                )
+            return web.json(document)
+
+    def _sender(self, topic: faust.TopicT) -> Any:
+        async def send(key: bytes, value: bytes) -> None:
+            delivery = await topic.send(key=key, value=value)
+            await delivery
+
+        return send
+
+    def attach_mirror(self, mirror: RedisMirror | None) -> None:
+        """Set (or clear) the Redis mirror used for kill commands."""
+        self.mirror = mirror
+        self.publisher.mirror = mirror
+
+    # Span processing -----------------------------------------------------------
+
+    async def handle_span_batch(self, events: Sequence[EventT]) -> None:
+        """Decode, detect and publish for one batch of native span records.
+
+        Each session's state is read once and written once per batch, which
+        keeps changelog traffic to one record per session and batch.
+
+        Args:
+            events: Faust events of the spans topic, in arrival order.
+        """
+        by_session: dict[str, _SessionBatch] = {}
+        for event in events:
+            span = await self._decode_native(event)
+            if span is None:
+                continue
+            key = span.session_id.encode()
+            if event.message.key != key:
+                await self._rekey(span, event)
+                continue
+            batch = by_session.get(span.session_id)
+            if batch is None:
+                batch = by_session[span.session_id] = _SessionBatch(event)
+            batch.event = event
+            batch.spans.append(span)
+
+        decisions: list[Decision] = []
+        usages: list[Usage] = []
+        end_times: list[float] = []
+        for session_id, batch in by_session.items():
+            _bind_event(batch.event)
+            decisions.extend(self._observe_session(session_id, batch, usages))
+            end_times.extend(span.end_time for span in batch.spans)
+
+        for usage in usages:
+            await self.usage_topic.send(
+                key=usage.user_id.encode(), value=encode_usage(usage)
+            )
+        await self.publisher.publish(decisions)
+        self.metrics.observe_batch(end_times)
+
+    def _observe_session(
+        self, session_id: str, batch: _SessionBatch, usages: list[Usage]
+    ) -> list[Decision]:
+        key = session_id.encode()
+        stored = self.sessions.get(key)
+        state = SessionState.decode(stored) if stored is not None else None
+        decisions: list[Decision] = []
+        for span in batch.spans:
+            try:
+                state, outcome = self.detector.observe_span(state, span)
+            except Exception:
+                # A detector fault on one span must not stop the stream.
+                logger.exception(
+                    "detector failed on span %s of session %s; span skipped",
+                    span.span_id,
+                    session_id,
+                )
+                self.metrics.count_spans("skipped")
+                continue
+            if outcome.duplicate:
+                self.metrics.count_spans("duplicate")
+                continue
+            self.metrics.observe_span(
+                span, outcome.cost.cost_usd, outcome.cost.priced
+            )
+            if outcome.usage is not None:
+                usages.append(outcome.usage)
+            decisions.extend(outcome.decisions)
+
+        if state is not None:
+            self.sessions[key] = state.encode()
+            self._observe_session_kills(state, decisions, session_id)
+        return decisions
+
+    def _observe_session_kills(
+        self, state: SessionState, decisions: Iterable[Decision], session_id: str
+    ) -> None:
+        for decision in decisions:
+            if (
+                isinstance(decision, KillCommand)
+                and decision.scope is Scope.SESSION
+                and decision.target == session_id
+            ):
+                summary = session_summary(state)
+                self.metrics.observe_session_end(
+                    summary.get("agent_name"),
+                    int(summary.get("steps", 0)),
+                    float(summary.get("cost_usd", 0.0)),
+                )
+                return
+
+    async def _decode_native(self, event: EventT) -> SpanEvent | None:
+        value = event.message.value
+        try:
+            return decode_native(value if value is not None else b"")
+        except SpanValidationError as exc:
+            await self.dead_letter(event, exc.reason, exc.field)
+        except Exception as exc:
+            # Decoder faults are dead-lettered too: bad input never stops a worker.
+            await self.dead_letter(event, f"decoder failed: {exc!r}", None)
+        return None
+
+    async def _rekey(self, span: SpanEvent, event: EventT) -> None:
+        """Forward a span whose record key is not its session id, keyed right.
+
+        The session table is partitioned like the spans topic, by session id;
+        a span keyed otherwise would reach the wrong partition's state.
+        """
+        logger.debug(
+            "span %s of session %s arrived with key %r; forwarded keyed by session",
+            span.span_id,
+            span.session_id,
+            event.message.key,
+        )
+        await self.spans_topic.send(
+            key=span.session_id.encode(), value=encode_native(span, include_text=True)
+        )
+
+    async def dead_letter(
+        self, event: EventT, reason: str, field_name: str | None
+    ) -> None:
+        """Send a record that cannot be processed to the dead-letter topic.
+
+        The dead-letter record keeps the original key and bytes; headers carry
+        the reason, the offending field and the source topic, partition and
+        offset.
+
+        Args:
+            event: the Faust event of the bad record.
+            reason: why it was rejected.
+            field_name: the offending field, when one is to blame.
+        """
+        message = event.message
+        headers = [
+            (DLQ_REASON, reason.encode()),
+            (DLQ_TOPIC, str(message.topic).encode()),
+            (DLQ_PARTITION, str(message.partition).encode()),
+            (DLQ_OFFSET, str(message.offset).encode()),
+            (DLQ_AT, f"{time.time():.3f}".encode()),
+        ]
+        if field_name:
+            headers.append((DLQ_FIELD, field_name.encode()))
+        await self.dlq_topic.send(
+            key=message.key, value=message.value or b"", headers=headers
+        )
+        self.metrics.count_spans("dead_lettered")
+        logger.warning(
+            "record %s[%d]@%d sent to the dead-letter topic %s: %s",
+            message.topic,
+            message.partition,
+            message.offset,
+            self.settings.topics.dlq,
+            reason,
+        )
+
+    # Usage processing ----------------------------------------------------------
+
+    async def handle_usage_batch(self, events: Sequence[EventT]) -> None:
+        """Apply the per-user daily step to a batch of usage records.
+
+        Usage records arrive keyed by user id, so every record of a user lands
+        on the partition that owns that user's daily state.
+
+        Args:
+            events: Faust events of the usage topic, in arrival order.
+        """
+        by_day: dict[bytes, _UserDayBatch] = {}
+        for event in events:
+            try:
+                usage = decode_usage(event.message.value or b"")
+            except (ValueError, TypeError) as exc:
+                logger.error("undecodable usage record skipped: %s", exc)
+                continue
+            key = user_day_key(usage)
+            batch = by_day.get(key)
+            if batch is None:
+                batch = by_day[key] = _UserDayBatch(event)
+            batch.event = event
+            batch.usages.append(usage)
+
+        decisions: list[Decision] = []
+        for key, batch in by_day.items():
+            _bind_event(batch.event)
+            stored = self.user_days.get(key)
+            state = UserDayState.decode(stored) if stored is not None else None
+            for usage in batch.usages:
+                state, more = self.detector.observe_usage(state, usage)
+                decisions.extend(more)
+            if state is not None:
+                self.user_days[key] = state.encode()
+
+        await self.publisher.publish(decisions)
+
+    # OTLP processing -----------------------------------------------------------
+
+    async def handle_otlp_batch(self, events: Sequence[EventT]) -> None:
+        """Decode OTLP export records and forward their spans keyed by session.
+
+        The Collector's kafkaexporter writes unkeyed records holding spans of
+        many sessions; each span goes to the spans topic keyed by its session
+        id, so it reaches the partition that owns the session's state and gets
+        the same decisions as a native span.
+
+        Args:
+            events: Faust events of the OTLP topic.
+        """
+        encoding = cast(OtlpEncoding, self.settings.otlp_encoding)
+        for event in events:
+            value = event.message.value or b""
+            try:
+                batch = decode_otlp(value, encoding)
+            except SpanValidationError as exc:
+                await self.dead_letter(event, exc.reason, exc.field)
+                continue
+            except Exception as exc:
+                await self.dead_letter(event, f"OTLP decoder failed: {exc!r}", None)
+                continue
+
+            for span in batch.spans:
+                await self.spans_topic.send(
+                    key=span.session_id.encode(),
+                    value=encode_native(span, include_text=True),
+                )
+            self.metrics.count_spans("skipped", int(batch.skipped))
+            if batch.errors:
+                reasons = "; ".join(error.reason for error in batch.errors[:3])
+                await self.dead_letter(
+                    event,
+                    f"{len(batch.errors)} span(s) of this OTLP record are invalid "
+                    f"(the other {len(batch.spans)} were processed): {reasons}",
+                    None,
+                )
+
+    # Web -----------------------------------------------------------------------
+
+    def session_document(self, session_id: str) -> dict[str, Any] | None:
+        """Return a session's current state as JSON-ready data, or ``None``."""
+        stored = self.sessions.get(session_id.encode())
+        if stored is None:
+            return None
+        return session_summary(SessionState.decode(stored))
+
+
+def _bind_event(event: EventT) -> None:
+    """Make ``event`` the one Faust attributes table writes to.
+
+    Faust sends a table write to the changelog partition of the event being
+    processed (and, with rocksdb, to that partition's local store). A batch
+    holds events of several partitions, so each session's write names the
+    event that carried the session's spans.
+    """
+    faust_streams._current_event.set(weakref.ref(event))
+
+
+def session_summary(state: SessionState) -> dict[str, Any]:
+    """Return a JSON-ready view of a session state: counters and totals only.
+
+    Args:
+        state: the decoded session state.
+
+    Returns:
+        Steps, calls, tokens, cost and event times; never text, vectors or
+        span ids.
+    """
+    return {
+        "user_id": state.user_id,
+        "agent_name": state.agent_name,
+        "steps": state.llm_calls + state.tool_calls,
+        "spans": state.spans,
+        "llm_calls": state.llm_calls,
+        "tool_calls": state.tool_calls,
+        "agent_spans": state.agent_spans,
+        "tokens": state.tokens,
+        "cost_usd": state.cost_usd,
+        "unpriced_spans": state.unpriced,
+        "depth": state.depth,
+        "first_at": state.first_at,
+        "last_at": state.last_at,
+        "killed": [rule for rule in RULES if state.killed & RULE_BIT[rule]],
+        "alerted": [rule for rule in RULES if state.alerted & RULE_BIT[rule]],
+    }
+
+
+def user_day_key(usage: Usage) -> bytes:
+    """Return the user-day table key: the user id and the event-time day."""
+    return f"{usage.user_id}\x1f{usage.day}".encode()
+
+
+def encode_usage(usage: Usage) -> bytes:
+    """Encode a usage record for the usage topic."""
+    return orjson.dumps(dataclasses.asdict(usage))
+
+
+def decode_usage(data: bytes) -> Usage:
+    """Decode a usage record written by :func:`encode_usage`.
+
+    Raises:
+        ValueError: the bytes are not a JSON object.
+        TypeError: the object's fields do not match ``Usage``.
+    """
+    record = orjson.loads(data)
+    if not isinstance(record, dict):
+        raise ValueError(f"usage record must be a JSON object, got {record!r}")
+    return Usage(**record)
+
+
+async def prepare_topics(settings: WorkerSettings, timeout_seconds: float = 30.0) -> None:
+    """Create the worker's topics that are missing and check the partition counts.
+
+    The spans topic and the usage topic feed the tables, whose changelogs have
+    ``settings.partitions`` partitions; Faust needs them co-partitioned.
+
+    Args:
+        settings: the worker settings.
+        timeout_seconds: how long to wait for the broker.
+
+    Raises:
+        ConfigError: a table-feeding topic exists with another partition count.
+        TripwireError: the broker cannot be reached or refuses to create a topic.
+    """
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import KafkaError
+
+    names = settings.topics
+    wanted = {
+        names.spans: settings.partitions,
+        settings.usage_topic: settings.partitions,
+        names.killswitch: settings.partitions,
+        names.alerts: settings.partitions,
+        names.dlq: settings.partitions,
+    }
+    if settings.otlp_enabled:
+        wanted[names.otlp] = settings.partitions
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.bootstrap_servers,
+        request_timeout_ms=int(timeout_seconds * 1000),
+    )
+    try:
+        await admin.start()
+        existing = await _partition_counts(admin, list(wanted))
+        _check_copartitioned(settings, existing)
+        missing = [name for name in wanted if name not in existing]
+        if missing:
+            await admin.create_topics(
+                [
+                    NewTopic(name, wanted[name], settings.replication_factor)
+                    for name in missing
+                ],
+                timeout_ms=int(timeout_seconds * 1000),
+            )
+            logger.info("created topics %s", ", ".join(missing))
+    except KafkaError as exc:
+        raise TripwireError(
+            f"Kafka at {settings.bootstrap_servers} refused the topic set-up: {exc} "
+            "(TRIPWIRE_BROKER): check that the broker runs and accepts admin requests"
+        ) from exc
+    finally:
+        await admin.close()
+
+
+async def _partition_counts(admin: Any, names: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for topic in await admin.describe_topics(names):
+        if topic.get("error_code", 0) == 0 and topic.get("partitions"):
+            counts[topic["topic"]] = len(topic["partitions"])
+    return counts
+
+
+def _check_copartitioned(settings: WorkerSettings, existing: dict[str, int]) -> None:
+    for name in (settings.topics.spans, settings.usage_topic):
+        count = existing.get(name)
+        if count is not None and count != settings.partitions:
+            raise ConfigError(
+                f"topic {name!r} has {count} partitions but the worker's tables use "
+                f"{settings.partitions} (TRIPWIRE_PARTITIONS): set "
+                f"TRIPWIRE_PARTITIONS={count}, or recreate the topic"
+            )
+
+
+def run_worker(
+    settings: WorkerSettings, detector: Detector, log_level: str = "INFO"
+) -> int:
+    """Run a worker until SIGINT or SIGTERM; return the exit code.
+
+    Creates missing topics, checks Redis, starts the Faust worker (consumer,
+    tables, processors, web server) on a fresh event loop, and shuts it down
+    cleanly on a signal: processors stop, offsets are committed, the producer
+    flushes and the Redis pool closes.
+
+    Args:
+        settings: validated worker settings.
+        detector: the detection core.
+        log_level: level for Faust's own log records.
+
+    Returns:
+        The process exit code, 0 after a clean shutdown.
+
+    Raises:
+        ConfigError: a topic's partition count does not match the settings.
+        TripwireError: Kafka refuses the topic set-up.
+    """
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(prepare_topics(settings))
+
+    worker_app = TripwireApp(settings, detector)
+    if settings.redis_url is not None:
+        mirror = RedisMirror(
+            settings.redis_url,
+            worker_app.metrics,
+            timeout_seconds=settings.redis_timeout_seconds,
+        )
+        if loop.run_until_complete(mirror.ping()):
+            logger.info("Redis mirror ready")
+        worker_app.attach_mirror(mirror)
+
+        @worker_app.app.on_before_shutdown.connect
+        async def close_mirror(sender: Any, **kwargs: Any) -> None:
+            await mirror.close()
+
+    worker = faust.Worker(
+        worker_app.app,
+        loop=loop,
+        loglevel=log_level,
+        quiet=True,
+        redirect_stdouts=False,
+        override_logging=False,
+    )
+    logger.info(
+        "worker %s starting: broker %s, store %s, %d partitions, web %s",
+        settings.app_id,
+        settings.broker_url,
+        settings.store,
+        settings.partitions,
+        f"http://{settings.web_host}:{settings.web_port}",
+    )
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as stop:
+        code = stop.code
+        return code if isinstance(code, int) else 1
+    return 0
