@@ -463,10 +463,12 @@ def _tool(span: OtelSpan, attrs: Mapping[str, object]) -> dict[str, object]:
         None,
     )
     failed = span.status_error or bool(attrs.get("error.type"))
+    call_id = attrs.get("gen_ai.tool.call.id")
     return {
         "tool_name": name,
         "tool_args_hash": None if arguments is None else hash_tool_args(arguments),
         "tool_status": "error" if failed else "ok",
+        "attributes": {"tool_call_id": call_id} if isinstance(call_id, str) else None,
     }
 
 
