@@ -1,0 +1,451 @@
+"""The detection core: one span or usage record in, state and decisions out."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from tripwire.schemas.events import (
+    Action,
+    Alert,
+    KillCommand,
+    Scope,
+    SpanEvent,
+    SpanKind,
+    ToolStatus,
+)
+from tripwire.streams import loops, rules
+from tripwire.streams.embedder import TextEmbedder, bit_code
+from tripwire.streams.policy import RULE_BIT, Policy
+from tripwire.streams.pricing import CostBreakdown, PriceBook
+from tripwire.streams.rules import Trip
+from tripwire.streams.state import (
+    NO_PARENT,
+    OUTPUT_KIND_BITS,
+    OUTPUT_KIND_TEXT,
+    SKETCH_SIZE,
+    SessionState,
+    UserDayState,
+    from_nano,
+    span_key,
+    to_nano,
+)
+
+logger = logging.getLogger(__name__)
+
+Decision = KillCommand | Alert
+
+_DAY_SECONDS = 86_400
+_DAY_CACHE_SIZE = 64
+_SEVERITY = {
+    "step_budget": "critical",
+    "tool_call_budget": "critical",
+    "token_budget": "critical",
+    "session_cost_budget": "critical",
+    "burn_rate": "critical",
+    "recursion_depth": "critical",
+    "user_daily_tokens": "critical",
+    "user_daily_cost": "critical",
+    "tool_error_rate": "warning",
+    "loop_similarity": "warning",
+    "loop_repeat_tool": "warning",
+    "loop_tool_cycle": "warning",
+    "unknown_model": "info",
+}
+
+_SessionRule = Callable[[SessionState, Policy], Trip | None]
+# Rules over session totals, checked after every counted span.
+_TOTAL_RULES: tuple[tuple[str, _SessionRule], ...] = (
+    ("step_budget", rules.step_budget),
+    ("tool_call_budget", rules.tool_call_budget),
+    ("token_budget", rules.token_budget),
+    ("session_cost_budget", rules.session_cost_budget),
+    ("burn_rate", rules.burn_rate),
+    ("recursion_depth", rules.recursion_depth),
+)
+
+
+@dataclass(slots=True)
+class Usage:
+    """One span's tokens and cost, for the per-user daily caps.
+
+    ``day`` is the UTC date of the span's end time; ``at`` is that end
+    time. ``span_id`` lets the user step drop a redelivered record.
+    """
+
+    user_id: str
+    day: str
+    session_id: str
+    agent_name: str | None
+    tokens: int
+    cost_usd: float
+    at: float
+    span_id: str | None = None
+
+
+@dataclass(slots=True)
+class SpanOutcome:
+    """What observing one span produced.
+
+    Attributes:
+        decisions: kill commands and alerts, in rule order; empty for most spans.
+        usage: the record for the user step, or None (duplicate, no user, or
+            nothing used).
+        duplicate: the span id was already counted in this session; nothing
+            changed.
+        cost: how the span was priced, or None for a duplicate.
+    """
+
+    decisions: list[Decision]
+    usage: Usage | None
+    duplicate: bool
+    cost: CostBreakdown | None
+
+
+class Detector:
+    """Runaway detection over sessions and users, with no I/O and no wall clock.
+
+    Both steps are deterministic in (state, input): they update the state
+    they are given (and return it) and emit each decision at most once per
+    session (or user-day) and rule. Event time is the span's end time.
+
+    Args:
+        policy: thresholds and actions.
+        prices: the price book; its ``unknown_models`` counter is updated.
+        embedder: the text embedder for the loop signal, shared.
+    """
+
+    def __init__(
+        self, policy: Policy, prices: PriceBook, embedder: TextEmbedder | None = None
+    ) -> None:
+        self.policy = policy
+        self.prices = prices
+        self.embedder = embedder or TextEmbedder()
+        self._days: dict[int, str] = {}
+
+    def observe_span(
+        self, state: SessionState | None, span: SpanEvent
+    ) -> tuple[SessionState, SpanOutcome]:
+        """Count one span in its session and check the session rules.
+
+        Args:
+            state: the session's state, or None for a new session. It is
+                updated in place.
+            span: a validated span of that session.
+
+        Returns:
+            The session state (the same object when one was given) and the
+            outcome: decisions, the usage record for the user step, whether
+            the span was a duplicate, and its cost.
+        """
+        if state is None:
+            state = SessionState()
+        key = span_key(span.span_id)
+        if state.has_seen(key):
+            return state, SpanOutcome([], None, True, None)
+
+        state.remember(key)
+        policy = self.policy.for_agent(span.agent_name or state.agent_name)
+        cost = self.prices.cost(span)
+        nano = to_nano(cost.cost_usd)
+        tokens = max(0, span.input_tokens) + max(0, span.output_tokens)
+        self._count(state, span, policy, key, nano, tokens, cost)
+
+        trips = self._session_trips(state, span, policy, cost)
+        decisions = self._decide(state, span, policy, trips) if trips else []
+        usage = self._usage(state, span, tokens, nano)
+        return state, SpanOutcome(decisions, usage, False, cost)
+
+    def observe_usage(
+        self, state: UserDayState | None, usage: Usage
+    ) -> tuple[UserDayState, list[Decision]]:
+        """Count one usage record in its user's day and check the daily caps.
+
+        A record of a later day starts a new day; a record of a day before the
+        state's is ignored (its day is over). A record whose span id was
+        already counted is ignored.
+
+        Args:
+            state: the user-day state, or None for the user's first record.
+            usage: a record from :meth:`observe_span`.
+
+        Returns:
+            The user-day state and the decisions (kill commands scoped to the
+            user, or alerts), at most one per rule and day.
+        """
+        if state is None or state.day < usage.day:
+            state = UserDayState(usage.day)
+        elif usage.day < state.day:
+            return state, []
+        if usage.span_id is not None:
+            key = span_key(usage.span_id)
+            if state.has_seen(key):
+                return state, []
+            state.remember(key)
+
+        state.tokens += usage.tokens
+        state.cost_nano += to_nano(usage.cost_usd)
+        policy = self.policy.for_agent(usage.agent_name)
+        trips = [
+            trip
+            for rule, check in (
+                ("user_daily_tokens", rules.user_daily_tokens),
+                ("user_daily_cost", rules.user_daily_cost),
+            )
+            if _pending(state.killed, state.alerted, policy, rule)
+            and (trip := check(state, policy)) is not None
+        ]
+        decisions = [self._user_decision(state, usage, policy, t) for t in trips]
+        return state, [decision for decision in decisions if decision is not None]
+
+    # Session step ------------------------------------------------------------
+
+    def _count(
+        self,
+        state: SessionState,
+        span: SpanEvent,
+        policy: Policy,
+        key: bytes,
+        nano: int,
+        tokens: int,
+        cost: CostBreakdown,
+    ) -> None:
+        if state.spans == 0:
+            state.first_at = span.start_time
+            state.last_at = span.end_time
+        else:
+            state.first_at = min(state.first_at, span.start_time)
+            state.last_at = max(state.last_at, span.end_time)
+        if state.user_id is None:
+            state.user_id = span.user_id
+        if state.agent_name is None:
+            state.agent_name = span.agent_name
+
+        state.tokens += tokens
+        state.cost_nano += nano
+        if not cost.priced:
+            state.unpriced += 1
+        rules.add_burn(state, policy, span.end_time, nano)
+
+        kind = span.kind
+        if kind is SpanKind.LLM:
+            state.llm_calls += 1
+        elif kind is SpanKind.TOOL:
+            state.tool_calls += 1
+        else:
+            state.agent_spans += 1
+
+        if span.depth is not None:
+            state.depth = max(state.depth, span.depth)
+        elif kind is SpanKind.AGENT or state.links:
+            parent = span_key(span.parent_span_id) if span.parent_span_id else NO_PARENT
+            depth = rules.link_depth(state, key, parent, kind is SpanKind.AGENT)
+            state.depth = max(state.depth, depth)
+
+    def _session_trips(
+        self,
+        state: SessionState,
+        span: SpanEvent,
+        policy: Policy,
+        cost: CostBreakdown,
+    ) -> list[Trip]:
+        killed = state.killed
+        alerted = state.alerted
+        trips = [
+            trip
+            for rule, check in _TOTAL_RULES
+            if _pending(killed, alerted, policy, rule)
+            and (trip := check(state, policy)) is not None
+        ]
+
+        if span.kind is SpanKind.TOOL:
+            trips.extend(self._tool_trips(state, span, policy))
+        elif span.kind is SpanKind.LLM:
+            if not cost.priced and _pending(killed, alerted, policy, "unknown_model"):
+                trips.append(_unknown_model(span, state))
+            trip = self._output_trip(state, span, policy)
+            if trip is not None:
+                trips.append(trip)
+        return trips
+
+    def _tool_trips(
+        self, state: SessionState, span: SpanEvent, policy: Policy
+    ) -> list[Trip]:
+        killed = state.killed
+        alerted = state.alerted
+        rules.add_tool_status(state, span.tool_status is ToolStatus.ERROR)
+        loops.add_tool_call(
+            state, loops.tool_identity(span.tool_name, span.tool_args_hash)
+        )
+
+        found: list[Trip | None] = []
+        if _pending(killed, alerted, policy, "tool_error_rate"):
+            found.append(rules.tool_error_rate(state, policy))
+        if _pending(killed, alerted, policy, "loop_repeat_tool"):
+            found.append(loops.repeated_tool_call(state, policy, span.tool_name))
+        if _pending(killed, alerted, policy, "loop_tool_cycle"):
+            found.append(loops.tool_cycle(state, policy))
+        return [trip for trip in found if trip is not None]
+
+    def _output_trip(
+        self, state: SessionState, span: SpanEvent, policy: Policy
+    ) -> Trip | None:
+        text = span.output_text
+        code = self.embedder.encode(text, SKETCH_SIZE) if text else None
+        sketch = code.sketch if code is not None else ()
+        vector: bytes | None = None
+        kind = OUTPUT_KIND_TEXT
+        if span.embedding:
+            vector = bit_code(span.embedding)
+            kind = OUTPUT_KIND_BITS
+        if vector is None and code is not None:
+            vector = code.vector
+            kind = OUTPUT_KIND_TEXT
+        if vector is None:
+            return None
+
+        trip = None
+        if _pending(state.killed, state.alerted, policy, "loop_similarity"):
+            trip = loops.similar_outputs(state, policy, kind, vector, sketch)
+        loops.add_output(state, kind, vector, sketch, policy.loop_similar_window)
+        return trip
+
+    def _decide(
+        self, state: SessionState, span: SpanEvent, policy: Policy, trips: list[Trip]
+    ) -> list[Decision]:
+        decisions: list[Decision] = []
+        session_id = span.session_id
+        agent_name = span.agent_name or state.agent_name
+        for trip in trips:
+            rule_policy = policy.rules[trip.rule]
+            bit = RULE_BIT[trip.rule]
+            if rule_policy.action is Action.KILL:
+                if state.killed & bit:
+                    continue
+                state.killed |= bit
+                decisions.append(
+                    KillCommand.create(
+                        Scope.SESSION,
+                        session_id,
+                        trip.rule,
+                        trip.detail,
+                        state.last_at,
+                        session_id=session_id,
+                        user_id=state.user_id,
+                        agent_name=agent_name,
+                        evidence=trip.evidence,
+                    )
+                )
+                logger.debug("kill %s: %s", trip.rule, trip.detail)
+                continue
+            if state.alerted & bit:
+                continue
+            state.alerted |= bit
+            decisions.append(
+                Alert.create(
+                    Scope.SESSION,
+                    session_id,
+                    trip.rule,
+                    _SEVERITY[trip.rule],
+                    trip.detail,
+                    state.last_at,
+                    session_id=session_id,
+                    user_id=state.user_id,
+                    agent_name=agent_name,
+                    evidence=trip.evidence,
+                )
+            )
+        return decisions
+
+    def _usage(
+        self, state: SessionState, span: SpanEvent, tokens: int, nano: int
+    ) -> Usage | None:
+        user_id = span.user_id or state.user_id
+        if user_id is None or (tokens == 0 and nano == 0):
+            return None
+
+        return Usage(
+            user_id=user_id,
+            day=self._day(span.end_time),
+            session_id=span.session_id,
+            agent_name=span.agent_name or state.agent_name,
+            tokens=tokens,
+            cost_usd=from_nano(nano),
+            at=span.end_time,
+            span_id=span.span_id,
+        )
+
+    def _day(self, at: float) -> str:
+        index = math.floor(at / _DAY_SECONDS)
+        day = self._days.get(index)
+        if day is None:
+            if len(self._days) >= _DAY_CACHE_SIZE:
+                self._days.clear()
+            day = datetime.fromtimestamp(index * _DAY_SECONDS, UTC).strftime("%Y-%m-%d")
+            self._days[index] = day
+        return day
+
+    # User step ---------------------------------------------------------------
+
+    def _user_decision(
+        self, state: UserDayState, usage: Usage, policy: Policy, trip: Trip
+    ) -> Decision | None:
+        rule_policy = policy.rules[trip.rule]
+        bit = RULE_BIT[trip.rule]
+        if rule_policy.action is Action.KILL:
+            if state.killed & bit:
+                return None
+            state.killed |= bit
+            # The user stays stopped until the end of the UTC day of the usage.
+            day_end = (math.floor(usage.at / _DAY_SECONDS) + 1) * _DAY_SECONDS
+            return KillCommand.create(
+                Scope.USER,
+                usage.user_id,
+                trip.rule,
+                trip.detail,
+                usage.at,
+                dedupe_key=state.day,
+                session_id=usage.session_id,
+                user_id=usage.user_id,
+                agent_name=usage.agent_name,
+                ttl_seconds=max(1, math.ceil(day_end - usage.at)),
+                evidence=trip.evidence,
+            )
+        if state.alerted & bit:
+            return None
+        state.alerted |= bit
+        return Alert.create(
+            Scope.USER,
+            usage.user_id,
+            trip.rule,
+            _SEVERITY[trip.rule],
+            trip.detail,
+            usage.at,
+            dedupe_key=state.day,
+            session_id=usage.session_id,
+            user_id=usage.user_id,
+            agent_name=usage.agent_name,
+            evidence=trip.evidence,
+        )
+
+
+def _pending(killed: int, alerted: int, policy: Policy, rule: str) -> bool:
+    """Whether a rule is enabled and has not yet fired with its action."""
+    rule_policy = policy.rules[rule]
+    if not rule_policy.enabled:
+        return False
+    fired = killed if rule_policy.action is Action.KILL else alerted
+    return not fired & RULE_BIT[rule]
+
+
+def _unknown_model(span: SpanEvent, state: SessionState) -> Trip:
+    model = span.model or "<missing>"
+    return Trip(
+        "unknown_model",
+        f"no price for model {model!r}: its spans count as $0, so cost budgets "
+        "undercount this session; add it to the price override file",
+        {"model": model, "provider": span.provider, "unpriced_spans": state.unpriced},
+    )
