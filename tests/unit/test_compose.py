@@ -265,3 +265,19 @@ def test_grafana_provisioning_points_at_prometheus_and_dashboards() -> None:
         for panel in dashboard["panels"]:
             assert panel["datasource"]["uid"] == uid, (path.name, panel["title"])
             assert panel["targets"][0]["expr"], (path.name, panel["title"])
+
+
+def test_prometheus_rule_files_are_mounted(compose: dict[str, Any]) -> None:
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    mounts = {
+        target: ROOT / source
+        for source, target, *_ in (
+            str(volume).split(":")
+            for volume in compose["services"]["prometheus"]["volumes"]
+        )
+    }
+
+    assert config["rule_files"]
+    for rule_file in config["rule_files"]:
+        assert rule_file in mounts, rule_file
+        assert yaml.safe_load(mounts[rule_file].read_text())["groups"]
