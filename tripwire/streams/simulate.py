@@ -349,6 +349,7 @@ class _SessionBuilder:
         self.tokens_used = 0
         self.parents: list[str] = []
         self.subject = rng.choice(self.profile.subjects)
+        self.loop_plan: tuple[str, str] | None = None
 
     # Building blocks -----------------------------------------------------
 
@@ -465,15 +466,23 @@ class _SessionBuilder:
         return " ".join(sentences)
 
     def loop_text(self, target: str) -> str:
-        """Return one rewording of the same stuck thought about ``target``."""
+        """Return one rewording of the same stuck thought about ``target``.
+
+        A stuck agent keeps its plan and rewords only the filler around it:
+        the opening, "again" or "once more", a trailing excuse or none.
+        """
         rng = self.rng
+        if not self.loop_plan:
+            verb = rng.choice(("check", "look at", "re-read", "inspect"))
+            goal = rng.choice(("confirm", "verify", "double-check"))
+            self.loop_plan = (verb, goal)
+        verb, goal = self.loop_plan
+        opening = rng.choice(("Let me", "I will", "I'll", "I should", "OK, let me"))
+        again = rng.choice(("again", "once more", "one more time"))
+        excuse = rng.choice((".", ", since the previous result did not settle it."))
         return (
-            f"{rng.choice(('Let me', 'I will', 'I need to', 'I should'))} "
-            f"{rng.choice(('check', 'look at', 're-read', 'inspect'))} {target} "
-            f"{rng.choice(('again', 'once more', 'one more time'))} to "
-            f"{rng.choice(('confirm', 'verify', 'make sure of'))} the "
-            f"{self.subject} details before answering, since the previous result "
-            "did not settle it."
+            f"{opening} {verb} {target} {again} to {goal} the {self.subject} "
+            f"details before answering{excuse}"
         )
 
     def tool_args(self, tool: str) -> dict[str, object]:
