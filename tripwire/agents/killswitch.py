@@ -185,8 +185,16 @@ def _lookup_keys(session_id: str, user_id: str | None) -> list[tuple[Scope, str]
     return keys
 
 
-def _killed_error(session_id: str, command: KillCommand) -> SessionKilled:
-    """Build the exception an agent sees when ``command`` stops its session."""
+def session_killed(session_id: str, command: KillCommand) -> SessionKilled:
+    """Build the exception an agent sees when ``command`` stops its session.
+
+    Args:
+        session_id: the session being stopped.
+        command: the kill command naming the session or its user.
+
+    Returns:
+        The exception, carrying the command's reason and detail.
+    """
     detail = command.detail
     if command.scope is Scope.USER:
         detail = f"every session of user {command.target!r} was stopped; {detail}"
@@ -766,7 +774,7 @@ class KillSwitch:
         """
         command = self.check(session_id, user_id)
         if command is not None:
-            raise _killed_error(session_id, command)
+            raise session_killed(session_id, command)
 
     def _first_flag(
         self,
@@ -1023,4 +1031,4 @@ class AsyncKillSwitch:
         """
         command = await self.check(session_id, user_id)
         if command is not None:
-            raise _killed_error(session_id, command)
+            raise session_killed(session_id, command)
