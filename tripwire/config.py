@@ -68,6 +68,8 @@ class WorkerSettings:
     session_timeout_seconds: float = 30.0
     heartbeat_interval_seconds: float = 3.0
     redis_timeout_seconds: float = 1.0
+    session_idle_seconds: float = 21_600.0
+    sweep_interval_seconds: float = 60.0
     prices_file: Path | None = None
     policy_file: Path | None = None
 
@@ -137,6 +139,8 @@ def _settings_table() -> dict[str, Callable[[str, Any], Any]]:
         "session_timeout_seconds": _float_parser(1.0, 3600.0),
         "heartbeat_interval_seconds": _float_parser(0.1, 600.0),
         "redis_timeout_seconds": _float_parser(0.01, 60.0),
+        "session_idle_seconds": _float_parser(0.0, 90 * 86_400.0),
+        "sweep_interval_seconds": _float_parser(0.1, 86_400.0),
         "prices_file": _parse_existing_file,
         "policy_file": _parse_existing_file,
     }

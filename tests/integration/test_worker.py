@@ -119,7 +119,9 @@ def _wait_until_up(worker: Worker) -> None:
         if status == 200:
             return
         time.sleep(0.5)
-    pytest.fail(f"worker did not serve /metrics in {START_SECONDS}s:\n{worker.log_tail()}")
+    pytest.fail(
+        f"worker did not serve /metrics in {START_SECONDS}s:\n{worker.log_tail()}"
+    )
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -258,7 +260,9 @@ async def _consume_until(
     return records
 
 
-async def _wait_for(predicate: Callable[[], bool], timeout: float = WAIT_SECONDS) -> bool:
+async def _wait_for(
+    predicate: Callable[[], bool], timeout: float = WAIT_SECONDS
+) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if await asyncio.to_thread(predicate):
@@ -424,8 +428,10 @@ async def test_duplicated_spans_leave_session_totals_unchanged(
     first = worker.session(session)
     await _produce(producer, worker.topics["spans"], records)
     assert await _wait_for(
-        lambda: _metric(worker.metrics(), "tripwire_spans_total", outcome="duplicate")
-        >= _metric(before, "tripwire_spans_total", outcome="duplicate") + 4
+        lambda: (
+            _metric(worker.metrics(), "tripwire_spans_total", outcome="duplicate")
+            >= _metric(before, "tripwire_spans_total", outcome="duplicate") + 4
+        )
     )
 
     assert first is not None
@@ -455,8 +461,13 @@ async def test_metrics_counters_move(
     assert moved("tripwire_spans_total", outcome="processed") >= 2
     assert moved("llm_calls_total", **labels) >= 2
     assert moved("llm_cost_usd_total", **labels) >= 0.5 - 1e-9
-    assert moved("llm_tokens_total", type="input", model="gpt-4o", provider="openai") >= 2400
-    assert moved("gen_ai_usage_input_tokens_count", model="gpt-4o", provider="openai") >= 2
+    assert (
+        moved("llm_tokens_total", type="input", model="gpt-4o", provider="openai")
+        >= 2400
+    )
+    assert (
+        moved("gen_ai_usage_input_tokens_count", model="gpt-4o", provider="openai") >= 2
+    )
     assert moved("tripwire_processing_lag_seconds_count") >= 2
     assert _metric(after, "tripwire_last_batch_timestamp_seconds") > 0
     for (name, label_set), _ in after.items():

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import socket
 import time
 import weakref
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import date, timedelta
 from typing import Any, cast
 
 import faust
@@ -22,15 +24,16 @@ from tripwire.errors import ConfigError, SpanValidationError, TripwireError
 from tripwire.schemas.events import Alert, KillCommand, Scope, SpanEvent
 from tripwire.schemas.native import decode_native, encode_native
 from tripwire.schemas.otlp import OtlpEncoding, decode_otlp
-from tripwire.streams.core import Detector
+from tripwire.streams.core import Detector, Usage
 from tripwire.streams.effects import DecisionPublisher, RedisMirror
 from tripwire.streams.metrics import CONTENT_TYPE, WorkerMetrics
 from tripwire.streams.policy import RULE_BIT, RULES
-from tripwire.streams.state import SessionState, Usage, UserDayState
+from tripwire.streams.state import SessionState, StateDecodeError, UserDayState
 
 logger = logging.getLogger(__name__)
 
 Decision = KillCommand | Alert
+Event = EventT[Any]
 
 SESSION_TABLE = "sessions"
 USER_DAY_TABLE = "user-days"
@@ -48,7 +51,7 @@ DLQ_AT = "tripwire.dlq.at"
 class _SessionBatch:
     """The spans of one session in a batch, with the last event that carried one."""
 
-    event: EventT
+    event: Event
     spans: list[SpanEvent] = field(default_factory=list)
 
 
@@ -56,7 +59,7 @@ class _SessionBatch:
 class _UserDayBatch:
     """The usage records of one user-day in a batch, with the last event."""
 
-    event: EventT
+    event: Event
     usages: list[Usage] = field(default_factory=list)
 
 
@@ -79,6 +82,12 @@ class TripwireApp:
         self.detector = detector
         self.metrics = metrics if metrics is not None else WorkerMetrics()
         self.mirror: RedisMirror | None = None
+        self._watermark = -math.inf
+        self._next_sweep = time.monotonic() + settings.sweep_interval_seconds
+        # Which partition each session's state lives on, and the newest event
+        # of each partition: what a table delete outside a batch needs.
+        self._session_partitions: dict[bytes, int] = {}
+        self._partition_events: dict[int, Event] = {}
         self.app = self._build_app()
         self._declare_topics()
         self._declare_tables()
@@ -157,9 +166,8 @@ class TripwireApp:
             partitions=partitions,
             key_type=bytes,
             value_type=bytes,
-            key_serializer="raw",
-            value_serializer="raw",
             help="session id -> encoded SessionState",
+            on_changelog_event=self._on_session_changelog,
         )
         self.user_days = self.app.Table(
             USER_DAY_TABLE,
@@ -167,8 +175,6 @@ class TripwireApp:
             partitions=partitions,
             key_type=bytes,
             value_type=bytes,
-            key_serializer="raw",
-            value_serializer="raw",
             help="user id + event-time day -> encoded UserDayState",
         )
 
@@ -177,14 +183,14 @@ class TripwireApp:
         app = self.app
 
         @app.agent(self.spans_topic, name="tripwire.process_spans")
-        async def process_spans(stream: faust.StreamT[bytes]) -> None:
+        async def process_spans(stream: Any) -> None:
             async for events in stream.take_events(
                 settings.batch_size, within=settings.batch_within_seconds
             ):
                 await self.handle_span_batch(events)
 
         @app.agent(self.usage_topic, name="tripwire.process_usage")
-        async def process_usage(stream: faust.StreamT[bytes]) -> None:
+        async def process_usage(stream: Any) -> None:
             async for events in stream.take_events(
                 settings.batch_size, within=settings.batch_within_seconds
             ):
@@ -193,22 +199,28 @@ class TripwireApp:
         if settings.otlp_enabled:
 
             @app.agent(self.otlp_topic, name="tripwire.process_otlp")
-            async def process_otlp(stream: faust.StreamT[bytes]) -> None:
+            async def process_otlp(stream: Any) -> None:
                 async for events in stream.take_events(
                     settings.batch_size, within=settings.batch_within_seconds
                 ):
                     await self.handle_otlp_batch(events)
 
-        @app.on_rebalance_complete.connect
         async def on_rebalance_complete(sender: Any, **kwargs: Any) -> None:
+            sources = {
+                self.spans_topic.get_topic_name(),
+                self.usage_topic.get_topic_name(),
+            }
+            if settings.otlp_enabled:
+                sources.add(self.otlp_topic.get_topic_name())
             assigned = sorted(
-                f"{tp.topic}[{tp.partition}]" for tp in app.assignment.assigned_actives()
+                f"{tp.topic}[{tp.partition}]"
+                for tp in app.consumer.assignment()
+                if tp.topic in sources
             )
             logger.info("partitions assigned: %s", ", ".join(assigned) or "none")
 
-        @app.on_after_configured.connect
-        def on_after_configured(sender: Any, **kwargs: Any) -> None:
-            logger.debug("faust app %s configured", settings.app_id)
+        # Faust's signal stubs reject coroutine receivers; the call is fine.
+        cast(Any, app.on_rebalance_complete).connect(on_rebalance_complete)
 
     def _declare_views(self) -> None:
         app = self.app
@@ -217,7 +229,8 @@ class TripwireApp:
         @app.page("/metrics")
         async def metrics_view(web: Any, request: Any) -> Any:
             metrics.sessions_in_table.set(len(self.sessions))
-            return web.bytes(metrics.render(), content_type=CONTENT_TYPE)
+            # aiohttp refuses a charset inside content_type; a header may carry it.
+            return web.bytes(metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
         @app.page("/sessions/{session_id}")
         @app.table_route(table=self.sessions, match_info="session_id")
@@ -244,7 +257,7 @@ class TripwireApp:
 
     # Span processing -----------------------------------------------------------
 
-    async def handle_span_batch(self, events: Sequence[EventT]) -> None:
+    async def handle_span_batch(self, events: Sequence[Event]) -> None:
         """Decode, detect and publish for one batch of native span records.
 
         Each session's state is read once and written once per batch, which
@@ -255,6 +268,7 @@ class TripwireApp:
         """
         by_session: dict[str, _SessionBatch] = {}
         for event in events:
+            self._partition_events[event.message.partition] = event
             span = await self._decode_native(event)
             if span is None:
                 continue
@@ -282,13 +296,16 @@ class TripwireApp:
             )
         await self.publisher.publish(decisions)
         self.metrics.observe_batch(end_times)
+        self._watermark = max(self._watermark, max(end_times, default=-math.inf))
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + self.settings.sweep_interval_seconds
+            self.evict_idle_sessions()
 
     def _observe_session(
         self, session_id: str, batch: _SessionBatch, usages: list[Usage]
     ) -> list[Decision]:
         key = session_id.encode()
-        stored = self.sessions.get(key)
-        state = SessionState.decode(stored) if stored is not None else None
+        state = self._load_session(key)
         decisions: list[Decision] = []
         for span in batch.spans:
             try:
@@ -305,8 +322,11 @@ class TripwireApp:
             if outcome.duplicate:
                 self.metrics.count_spans("duplicate")
                 continue
+            cost = outcome.cost
             self.metrics.observe_span(
-                span, outcome.cost.cost_usd, outcome.cost.priced
+                span,
+                cost.cost_usd if cost is not None else 0.0,
+                cost.priced if cost is not None else True,
             )
             if outcome.usage is not None:
                 usages.append(outcome.usage)
@@ -314,27 +334,95 @@ class TripwireApp:
 
         if state is not None:
             self.sessions[key] = state.encode()
-            self._observe_session_kills(state, decisions, session_id)
+            self._session_partitions[key] = batch.event.message.partition
+            if any(_kills_session(decision, session_id) for decision in decisions):
+                self._observe_session_end(state)
         return decisions
 
-    def _observe_session_kills(
-        self, state: SessionState, decisions: Iterable[Decision], session_id: str
-    ) -> None:
-        for decision in decisions:
-            if (
-                isinstance(decision, KillCommand)
-                and decision.scope is Scope.SESSION
-                and decision.target == session_id
-            ):
-                summary = session_summary(state)
-                self.metrics.observe_session_end(
-                    summary.get("agent_name"),
-                    int(summary.get("steps", 0)),
-                    float(summary.get("cost_usd", 0.0)),
-                )
-                return
+    def _load_session(self, key: bytes) -> SessionState | None:
+        stored = self.sessions.get(key)
+        if stored is None:
+            return None
+        try:
+            return SessionState.decode(stored)
+        except StateDecodeError as exc:
+            logger.warning(
+                "session %r has an unreadable stored state (%s); starting it afresh",
+                key.decode(errors="replace"),
+                exc,
+            )
+            return None
 
-    async def _decode_native(self, event: EventT) -> SpanEvent | None:
+    def _observe_session_end(self, state: SessionState) -> None:
+        self.metrics.observe_session_end(
+            state.agent_name, state.llm_calls + state.tool_calls, state.cost_usd
+        )
+
+    def evict_idle_sessions(self) -> int:
+        """Drop the sessions idle longer than the idle timeout, in event time.
+
+        A session whose newest span ended more than ``session_idle_seconds``
+        before the newest span this worker has seen is removed from the table
+        (a tombstone on its changelog partition); its size goes to the session
+        histograms unless a kill already reported it. Only sessions of
+        partitions this worker owns, and has seen an event of since it
+        started, are touched.
+
+        Returns:
+            How many sessions were evicted.
+        """
+        idle = self.settings.session_idle_seconds
+        if idle <= 0 or self._watermark == -math.inf:
+            return 0
+
+        horizon = self._watermark - idle
+        spans_topic = self.spans_topic.get_topic_name()
+        owned = {
+            tp.partition
+            for tp in self.app.consumer.assignment()
+            if tp.topic == spans_topic
+        }
+        evicted = 0
+        # Limitation: the sweep decodes every local session state; huge tables slow it.
+        for key, stored in list(self.sessions.items()):
+            partition = self._session_partitions.get(key)
+            event = (
+                self._partition_events.get(partition) if partition in owned else None
+            )
+            if event is None:
+                continue
+            try:
+                state = SessionState.decode(stored)
+            except StateDecodeError:
+                state = None
+            if state is not None and state.last_at >= horizon:
+                continue
+            _bind_event(event)
+            del self.sessions[key]
+            self._session_partitions.pop(key, None)
+            if state is not None and not state.killed:
+                self._observe_session_end(state)
+            evicted += 1
+
+        if evicted:
+            logger.info(
+                "evicted %d session(s) idle for more than %.0f s of event time",
+                evicted,
+                idle,
+            )
+        return evicted
+
+    async def _on_session_changelog(self, event: Event) -> None:
+        """Learn each recovered session's partition, for the idle sweep."""
+        key = event.message.key
+        if key is None:
+            return
+        if event.message.value is None:
+            self._session_partitions.pop(key, None)
+        else:
+            self._session_partitions[key] = event.message.partition
+
+    async def _decode_native(self, event: Event) -> SpanEvent | None:
         value = event.message.value
         try:
             return decode_native(value if value is not None else b"")
@@ -345,7 +433,7 @@ class TripwireApp:
             await self.dead_letter(event, f"decoder failed: {exc!r}", None)
         return None
 
-    async def _rekey(self, span: SpanEvent, event: EventT) -> None:
+    async def _rekey(self, span: SpanEvent, event: Event) -> None:
         """Forward a span whose record key is not its session id, keyed right.
 
         The session table is partitioned like the spans topic, by session id;
@@ -362,7 +450,7 @@ class TripwireApp:
         )
 
     async def dead_letter(
-        self, event: EventT, reason: str, field_name: str | None
+        self, event: Event, reason: str, field_name: str | None
     ) -> None:
         """Send a record that cannot be processed to the dead-letter topic.
 
@@ -400,7 +488,7 @@ class TripwireApp:
 
     # Usage processing ----------------------------------------------------------
 
-    async def handle_usage_batch(self, events: Sequence[EventT]) -> None:
+    async def handle_usage_batch(self, events: Sequence[Event]) -> None:
         """Apply the per-user daily step to a batch of usage records.
 
         Usage records arrive keyed by user id, so every record of a user lands
@@ -433,12 +521,29 @@ class TripwireApp:
                 decisions.extend(more)
             if state is not None:
                 self.user_days[key] = state.encode()
+            self._prune_user_days(batch.usages[-1])
 
         await self.publisher.publish(decisions)
 
+    def _prune_user_days(self, usage: Usage) -> None:
+        """Delete the user's day states two to seven days before this usage's day.
+
+        The embedded runtime drops a user-day once its day is two days behind;
+        here the user's own traffic triggers the clean-up.
+        """
+        try:
+            day = date.fromisoformat(usage.day)
+        except ValueError:
+            return
+        for back in range(2, 8):
+            older = (day - timedelta(days=back)).isoformat()
+            key = user_day_key(replace(usage, day=older))
+            if key in self.user_days:
+                del self.user_days[key]
+
     # OTLP processing -----------------------------------------------------------
 
-    async def handle_otlp_batch(self, events: Sequence[EventT]) -> None:
+    async def handle_otlp_batch(self, events: Sequence[Event]) -> None:
         """Decode OTLP export records and forward their spans keyed by session.
 
         The Collector's kafkaexporter writes unkeyed records holding spans of
@@ -486,7 +591,7 @@ class TripwireApp:
         return session_summary(SessionState.decode(stored))
 
 
-def _bind_event(event: EventT) -> None:
+def _bind_event(event: Event) -> None:
     """Make ``event`` the one Faust attributes table writes to.
 
     Faust sends a table write to the changelog partition of the event being
@@ -495,6 +600,14 @@ def _bind_event(event: EventT) -> None:
     event that carried the session's spans.
     """
     faust_streams._current_event.set(weakref.ref(event))
+
+
+def _kills_session(decision: Decision, session_id: str) -> bool:
+    return (
+        isinstance(decision, KillCommand)
+        and decision.scope is Scope.SESSION
+        and decision.target == session_id
+    )
 
 
 def session_summary(state: SessionState) -> dict[str, Any]:
@@ -549,7 +662,9 @@ def decode_usage(data: bytes) -> Usage:
     return Usage(**record)
 
 
-async def prepare_topics(settings: WorkerSettings, timeout_seconds: float = 30.0) -> None:
+async def prepare_topics(
+    settings: WorkerSettings, timeout_seconds: float = 30.0
+) -> None:
     """Create the worker's topics that are missing and check the partition counts.
 
     The spans topic and the usage topic feed the tables, whose changelogs have
@@ -563,7 +678,7 @@ async def prepare_topics(settings: WorkerSettings, timeout_seconds: float = 30.0
         ConfigError: a table-feeding topic exists with another partition count.
         TripwireError: the broker cannot be reached or refuses to create a topic.
     """
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.errors import KafkaError
 
     names = settings.topics
@@ -584,15 +699,9 @@ async def prepare_topics(settings: WorkerSettings, timeout_seconds: float = 30.0
         await admin.start()
         existing = await _partition_counts(admin, list(wanted))
         _check_copartitioned(settings, existing)
-        missing = [name for name in wanted if name not in existing]
+        missing = {n: count for n, count in wanted.items() if n not in existing}
         if missing:
-            await admin.create_topics(
-                [
-                    NewTopic(name, wanted[name], settings.replication_factor)
-                    for name in missing
-                ],
-                timeout_ms=int(timeout_seconds * 1000),
-            )
+            await _create_topics(admin, settings, missing, int(timeout_seconds * 1000))
             logger.info("created topics %s", ", ".join(missing))
     except KafkaError as exc:
         raise TripwireError(
@@ -604,11 +713,39 @@ async def prepare_topics(settings: WorkerSettings, timeout_seconds: float = 30.0
 
 
 async def _partition_counts(admin: Any, names: list[str]) -> dict[str, int]:
+    # List first: describing a missing topic can make a broker with
+    # auto.create.topics.enable create it, with the broker's default partitions.
+    present = set(await admin.list_topics())
+    wanted = [name for name in names if name in present]
     counts: dict[str, int] = {}
-    for topic in await admin.describe_topics(names):
+    if not wanted:
+        return counts
+    for topic in await admin.describe_topics(wanted):
         if topic.get("error_code", 0) == 0 and topic.get("partitions"):
             counts[topic["topic"]] = len(topic["partitions"])
     return counts
+
+
+async def _create_topics(
+    admin: Any, settings: WorkerSettings, wanted: dict[str, int], timeout_ms: int
+) -> None:
+    from aiokafka.admin import NewTopic
+
+    response = await admin.create_topics(
+        [
+            NewTopic(name, count, settings.replication_factor)
+            for name, count in wanted.items()
+        ],
+        timeout_ms=timeout_ms,
+    )
+    topic_already_exists = 36
+    for name, code, message in response.topic_errors:
+        if code not in (0, topic_already_exists):
+            raise TripwireError(
+                f"Kafka refused to create topic {name!r}: error {code} {message} "
+                "(TRIPWIRE_TOPIC_*): check the broker's ACLs and limits, or create "
+                "the topic yourself"
+            )
 
 
 def _check_copartitioned(settings: WorkerSettings, existing: dict[str, int]) -> None:
@@ -659,9 +796,11 @@ def run_worker(
             logger.info("Redis mirror ready")
         worker_app.attach_mirror(mirror)
 
-        @worker_app.app.on_before_shutdown.connect
         async def close_mirror(sender: Any, **kwargs: Any) -> None:
             await mirror.close()
+
+        # Faust's signal stubs reject coroutine receivers; the call is fine.
+        cast(Any, worker_app.app.on_before_shutdown).connect(close_mirror)
 
     worker = faust.Worker(
         worker_app.app,

@@ -7,13 +7,14 @@ import time
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 from tripwire.schemas.events import SpanEvent, SpanKind, ToolStatus
 
 logger = logging.getLogger(__name__)
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The classic text format: every name here is plain ASCII, so it is exact.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 SPAN_OUTCOMES = ("processed", "duplicate", "dead_lettered", "skipped")
 TOKEN_TYPES = ("input", "output", "cache_read", "cache_creation")
 OTHER = "other"
