@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 # Each subcommand lives in its own module, which provides
 # ``register(subparsers) -> None`` and sets ``func`` on its parser.
-_COMMAND_MODULES: tuple[str, ...] = ("worker",)
+_COMMAND_MODULES: tuple[str, ...] = ("replay", "demo", "worker")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
-import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -192,6 +192,28 @@ class Fleet:
         for *_, span in keyed:
             yield span
 
+    def with_run_id(self, run_id: str) -> Fleet:
+        """Return a copy whose session and user ids end with ``-<run_id>``.
+
+        A detector keeps session and user-day state across runs, so a second
+        run of the same seed against the same worker would look like a
+        replay; distinct ids make each run start fresh.
+        """
+        sessions = []
+        for session in self.sessions:
+            session_id = f"{session.session_id}-{run_id}"
+            user_id = f"{session.user_id}-{run_id}"
+            spans = [
+                dataclasses.replace(span, session_id=session_id, user_id=user_id)
+                for span in session.spans
+            ]
+            sessions.append(
+                dataclasses.replace(
+                    session, session_id=session_id, user_id=user_id, spans=spans
+                )
+            )
+        return Fleet(seed=self.seed, sessions=sessions)
+
     def session(self, session_id: str) -> SimulatedSession:
         """Return the session with this id.
 
@@ -236,7 +258,7 @@ def simulate_fleet(
     Args:
         sessions: how many sessions to simulate, at least 6.
         seed: seed of the random generator.
-        start_time: event time (Unix seconds) of the first session's start.
+        start_time: event time (Unix seconds) from which sessions start.
         session_token_budget: the per-session token budget the batch user's
             sessions each stay under.
         user_daily_tokens: the per-user daily token cap they add up to more
@@ -260,52 +282,54 @@ def simulate_fleet(
         )
 
     rng = random.Random(seed)
-    per_batch_session = int(session_token_budget * _BATCH_SHARE)
-    batch_size = math.ceil(user_daily_tokens * _BATCH_EXCESS / per_batch_session)
-    kinds = _deal_kinds(sessions, batch_size, rng)
     users = [f"user-{rng.randrange(1000, 9999)}" for _ in range(max(3, sessions // 4))]
-    batch_user = f"user-{rng.randrange(10000, 99999)}"
-    batch_start = start_time + rng.uniform(20.0, 60.0)
-    built: list[SimulatedSession] = []
-    batch_tokens = 0
-    for index, kind in enumerate(kinds):
-        if kind == USER_CAP:
-            user, begin = batch_user, batch_start + rng.uniform(0.0, 10.0)
-        else:
-            user = rng.choice(users)
-            begin = start_time + (rng.uniform(0.0, _ARRIVAL_WINDOW_S) if index else 0)
-        session = _SessionBuilder(rng, index, user, kind, begin).build(
-            per_batch_session
-        )
-        built.append(session)
-        if kind == USER_CAP:
-            batch_tokens += _tokens(session)
-    # The batch must go over the cap whatever the draws; top it up if short.
-    while USER_CAP in kinds and batch_tokens <= user_daily_tokens * _BATCH_EXCESS:
-        begin = batch_start + rng.uniform(0.0, 10.0)
-        builder = _SessionBuilder(rng, len(built), batch_user, USER_CAP, begin)
-        built.append(builder.build(per_batch_session))
-        batch_tokens += _tokens(built[-1])
-
-    logger.debug("simulated %d sessions with seed %d", len(built), seed)
-    return Fleet(seed=seed, sessions=built)
-
-
-def _deal_kinds(sessions: int, batch_size: int, rng: random.Random) -> list[str]:
-    """Return the ground truth of each session, shuffled by ``rng``."""
     counts = {
         LOOP: max(1, round(sessions * 0.10)),
         BUDGET: max(1, round(sessions * 0.05)),
         TOOL_FAILURES: max(1, round(sessions * 0.05)),
         RECURSION: 1,
     }
-    # The batch user only joins when healthy sessions can still outnumber it.
-    if sessions - sum(counts.values()) >= 2 * batch_size:
-        counts[USER_CAP] = batch_size
-    kinds = [kind for kind, count in counts.items() for _ in range(count)]
-    kinds += [HEALTHY] * (sessions - len(kinds))
-    rng.shuffle(kinds)
-    return kinds
+    room = sessions - sum(counts.values())
+    batch = _batch_sessions(rng, start_time, session_token_budget, user_daily_tokens)
+    # The batch user only joins when healthy sessions still outnumber it.
+    if room - len(batch) < len(batch):
+        batch = []
+    counts[HEALTHY] = room - len(batch)
+
+    built = list(batch)
+    for kind, count in counts.items():
+        for _ in range(count):
+            begin = start_time + rng.uniform(0.0, _ARRIVAL_WINDOW_S)
+            builder = _SessionBuilder(rng, rng.choice(users), kind, begin)
+            built.append(builder.build())
+    rng.shuffle(built)
+    for index, session in enumerate(built):
+        _rename(session, f"sess-{index:03d}-{session.session_id}")
+
+    logger.debug("simulated %d sessions with seed %d", len(built), seed)
+    return Fleet(seed=seed, sessions=built)
+
+
+def _batch_sessions(
+    rng: random.Random, start_time: float, session_tokens: int, user_tokens: int
+) -> list[SimulatedSession]:
+    """Return one user's batch of sessions that together pass the token cap."""
+    user = f"user-{rng.randrange(10000, 99999)}"
+    start = start_time + rng.uniform(20.0, 60.0)
+    target = int(session_tokens * _BATCH_SHARE)
+    batch: list[SimulatedSession] = []
+    used = 0
+    while used <= user_tokens * _BATCH_EXCESS:
+        builder = _SessionBuilder(rng, user, USER_CAP, start + rng.uniform(0.0, 10.0))
+        batch.append(builder.build(target))
+        used += _tokens(batch[-1])
+    return batch
+
+
+def _rename(session: SimulatedSession, session_id: str) -> None:
+    session.session_id = session_id
+    for span in session.spans:
+        span.session_id = session_id
 
 
 def _tokens(session: SimulatedSession) -> int:
@@ -328,7 +352,6 @@ class _SessionBuilder:
     def __init__(
         self,
         rng: random.Random,
-        index: int,
         user_id: str,
         expected: str,
         start_time: float,
@@ -337,7 +360,7 @@ class _SessionBuilder:
         self.profile = rng.choice(_PROFILES)
         self.model = _MODELS[rng.choice(self.profile.models)]
         self.session = SimulatedSession(
-            session_id=f"sess-{index:03d}-{_hex(rng, 8)}",
+            session_id=_hex(rng, 8),
             user_id=user_id,
             agent_name=self.profile.name,
             expected=expected,
@@ -497,7 +520,7 @@ class _SessionBuilder:
 
     # Sessions --------------------------------------------------------------
 
-    def build(self, batch_tokens: int) -> SimulatedSession:
+    def build(self, batch_tokens: int = 0) -> SimulatedSession:
         """Write the whole session for its ground truth; return it."""
         root = self.open_agent()
         self.llm(self.fresh_text(f"Plan for the {self.subject} request:"))

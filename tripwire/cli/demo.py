@@ -1,0 +1,727 @@
+"""``tripwire demo``: simulated agents, some runaway, and what Tripwire does."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import shutil
+import statistics
+import sys
+import textwrap
+import time
+from collections import Counter, deque
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import orjson
+
+from tripwire.cli.replay import build_detector
+from tripwire.config import load_settings
+from tripwire.errors import ConfigError, TripwireError
+from tripwire.schemas.events import Alert, KillCommand, Scope, SpanEvent
+from tripwire.schemas.native import encode_native
+from tripwire.streams.core import Detector
+from tripwire.streams.embedded import EmbeddedRuntime
+from tripwire.streams.simulate import (
+    HEALTHY,
+    RUNAWAY_KINDS,
+    USER_CAP,
+    Fleet,
+    Scoreboard,
+    ScoreReport,
+    SessionScore,
+    simulate_fleet,
+)
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+logger = logging.getLogger(__name__)
+
+Decision = KillCommand | Alert
+
+# The live view fits the whole simulated run into about this many seconds.
+_LIVE_SECONDS = 4.0
+# With --broker, the run is fitted into about this many seconds by default.
+_BROKER_SECONDS = 15.0
+# The live view is redrawn at most this often, in seconds.
+_REDRAW_INTERVAL_S = 0.1
+
+_EPILOG = """\
+examples:
+  tripwire demo
+  tripwire demo --sessions 200 --seed 3 --no-live
+  tripwire demo --set loop_repeat_threshold=3
+  tripwire demo --broker kafka://127.0.0.1:9092
+
+Exit code 0 when every runaway session was caught and no healthy session was
+killed, 1 otherwise.
+"""
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``demo`` subcommand to the ``tripwire`` parser."""
+    parser = subparsers.add_parser(
+        "demo",
+        help="simulate a fleet of agents, some runaway, and watch Tripwire stop them",
+        description=textwrap.fill(
+            "Simulate a fleet of LLM agents in event time: most are healthy, some "
+            "loop, burn budget, fight failing tools or recurse, and one user may "
+            "go over the daily cap. Run their spans through the detector "
+            "(in-process, or through a Tripwire worker with --broker), stop each "
+            "session the moment a kill command names it, and compare what "
+            "Tripwire caught with the simulated ground truth.",
+            width=78,
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--sessions",
+        type=int,
+        default=40,
+        metavar="N",
+        help="simulated sessions, at least 6 (default: 40)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=7, metavar="S", help="random seed (default: 7)"
+    )
+    parser.add_argument(
+        "--speed",
+        type=float,
+        default=None,
+        metavar="X",
+        help="play event time X times faster than real time (default: fit the "
+        f"run into about {_LIVE_SECONDS:.0f} s when live, no pacing otherwise)",
+    )
+    parser.add_argument(
+        "--no-live",
+        action="store_true",
+        help="print plain event lines instead of the refreshing view",
+    )
+    parser.add_argument(
+        "--broker",
+        metavar="URL",
+        help="run through a Tripwire worker on this Kafka broker instead of "
+        "in-process, for example kafka://127.0.0.1:9092",
+    )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="with --broker: how long to wait for the worker's last decisions "
+        "(default: 15)",
+    )
+    parser.add_argument(
+        "--record",
+        metavar="PATH",
+        help="also write the fleet's full, unstopped run as native JSON lines "
+        "(for tripwire replay)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="RULE=VALUE",
+        help="override one policy threshold (repeatable); see tripwire replay "
+        "--list-settings",
+    )
+    parser.add_argument("--policy", metavar="TOML", help="policy file")
+    parser.add_argument("--prices", metavar="JSON", help="price override file")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo described by ``args``; return 0 when Tripwire got it right.
+
+    Raises:
+        ConfigError: a flag, the policy or the price file is invalid.
+        TripwireError: the record file cannot be written, or the broker fails.
+    """
+    if args.speed is not None and args.speed <= 0:
+        raise ConfigError(
+            f"--speed must be > 0, got {args.speed}: 10 plays ten times faster "
+            "than real time"
+        )
+    detector = build_detector(args.policy, args.prices, args.overrides)
+    fleet = simulate_fleet(
+        args.sessions,
+        args.seed,
+        session_token_budget=detector.policy.token_budget,
+        user_daily_tokens=detector.policy.user_daily_tokens,
+    )
+    if args.record:
+        record_fleet(fleet, Path(args.record))
+    board = Scoreboard(fleet, lambda span: span_cost(detector, span))
+
+    live = not args.no_live and sys.stdout.isatty()
+    speed = args.speed
+    if speed is None and live:
+        speed = max(fleet.duration_s / _LIVE_SECONDS, 1.0)
+    view: View = LiveView(board, sys.stdout) if live else EventLog(board, sys.stdout)
+    view.start()
+    try:
+        if args.broker:
+            asyncio.run(
+                play_on_broker(fleet, board, view, args.broker, speed, args.wait)
+            )
+        else:
+            play(fleet, EmbeddedRuntime(detector), board, view, speed)
+    finally:
+        view.stop()
+
+    report = board.report()
+    sys.stdout.write(format_report(board, report))
+    return 0 if report.passed else 1
+
+
+def play(
+    fleet: Fleet,
+    runtime: EmbeddedRuntime,
+    board: Scoreboard,
+    view: View | None = None,
+    speed: float | None = None,
+) -> None:
+    """Run the fleet's spans through ``runtime``, stopping killed sessions.
+
+    Args:
+        fleet: the simulated fleet.
+        runtime: the embedded runtime with the detector.
+        board: follows what ran and what was decided.
+        view: shows progress and decisions, or ``None``.
+        speed: event-time seconds per wall-clock second; ``None`` runs flat out.
+    """
+    pacer = Pacer(speed, view)
+    for span in fleet.spans():
+        if not board.runs(span):
+            continue
+        pacer.wait_for(span.end_time)
+        board.ran(span)
+        if view is not None:
+            view.span(span)
+        for decision in runtime.feed(span):
+            changed = board.decide(decision)
+            if view is not None:
+                view.decision(decision, changed)
+
+
+class Pacer:
+    """Hold each span back until its event time, scaled by ``speed``, is due.
+
+    Args:
+        speed: event-time seconds per wall-clock second; ``None`` never waits.
+        view: redrawn while waiting, or ``None``.
+    """
+
+    def __init__(self, speed: float | None, view: View | None) -> None:
+        self.speed = speed
+        self.view = view
+        self._origin: tuple[float, float] | None = None
+
+    def wait_for(self, event_time: float) -> None:
+        """Sleep until ``event_time`` is due on the scaled clock."""
+        if self.speed is None:
+            return
+        if self._origin is None:
+            self._origin = (event_time, time.monotonic())
+            return
+
+        start_event, start_wall = self._origin
+        due = start_wall + (event_time - start_event) / self.speed
+        while (delay := due - time.monotonic()) > 0:
+            time.sleep(min(delay, _REDRAW_INTERVAL_S))
+            if self.view is not None:
+                self.view.refresh()
+
+    async def await_for(self, event_time: float) -> None:
+        """Like :meth:`wait_for`, without blocking the event loop."""
+        if self.speed is None:
+            await asyncio.sleep(0)
+            return
+        if self._origin is None:
+            self._origin = (event_time, time.monotonic())
+            return
+
+        start_event, start_wall = self._origin
+        due = start_wall + (event_time - start_event) / self.speed
+        while (delay := due - time.monotonic()) > 0:
+            await asyncio.sleep(min(delay, _REDRAW_INTERVAL_S))
+            if self.view is not None:
+                self.view.refresh()
+
+
+async def play_on_broker(
+    fleet: Fleet,
+    board: Scoreboard,
+    view: View | None,
+    url: str,
+    speed: float | None,
+    wait_s: float,
+) -> None:
+    """Run the fleet through a Tripwire worker on a Kafka broker.
+
+    Spans go to the worker's span topic as native JSON keyed by session id;
+    kill commands and alerts come back on its kill-switch and alert topics.
+    Session and user ids get a per-run suffix, since the worker keeps state
+    across runs. A span of a session already killed is never sent.
+
+    Args:
+        fleet: the simulated fleet.
+        board: follows what ran and what was decided.
+        view: shows progress and decisions, or ``None``.
+        url: the broker, ``kafka://host:port`` or ``host:port``.
+        speed: event-time seconds per wall-clock second; ``None`` fits the run
+            into about 15 seconds, so the worker keeps up.
+        wait_s: after the last span, how long to wait for the last decisions.
+
+    Raises:
+        TripwireError: the broker cannot be reached or the worker's topics do
+            not exist.
+    """
+    # Kafka clients are only needed here; plain demos do not pay their import.
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka.errors import KafkaError
+
+    settings = load_settings(overrides={"broker": url})
+    topics = settings.topics
+    speed = speed or max(fleet.duration_s / _BROKER_SECONDS, 1.0)
+    servers = settings.bootstrap_servers
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=servers, group_id=None, enable_auto_commit=False
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=servers, linger_ms=5)
+    try:
+        await consumer.start()
+        await producer.start()
+        await _assign_at_end(consumer, (topics.killswitch, topics.alerts))
+    except KafkaError as exc:
+        await _stop(consumer, producer)
+        raise TripwireError(
+            f"cannot use the Kafka broker at {servers}: {exc}; start it "
+            "(scripts/services start) and a worker (tripwire worker), or drop --broker"
+        ) from exc
+
+    listener = asyncio.create_task(_listen(consumer, topics.killswitch, board, view))
+    try:
+        pacer = Pacer(speed, view)
+        for span in fleet.spans():
+            if not board.runs(span):
+                continue
+            await pacer.await_for(span.end_time)
+            board.ran(span)
+            if view is not None:
+                view.span(span)
+            value = encode_native(span, include_text=True)
+            await producer.send(topics.spans, value, key=span.session_id.encode())
+        await producer.flush()
+        await _settle(board, wait_s)
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+        await _stop(consumer, producer)
+
+
+async def _assign_at_end(consumer: AIOKafkaConsumer, names: Iterable[str]) -> None:
+    from aiokafka import TopicPartition
+
+    partitions = []
+    for name in names:
+        numbers = consumer.partitions_for_topic(name)
+        if not numbers:
+            await consumer.topics()
+            numbers = consumer.partitions_for_topic(name)
+        if not numbers:
+            raise TripwireError(
+                f"topic {name!r} does not exist on the broker: start a worker "
+                "(tripwire worker), which creates its topics, then run the demo"
+            )
+        partitions += [TopicPartition(name, number) for number in sorted(numbers)]
+    consumer.assign(partitions)
+    await consumer.seek_to_end(*partitions)
+    # Resolve the end offsets now, so no decision of this run is missed.
+    for partition in partitions:
+        await consumer.position(partition)
+
+
+async def _listen(
+    consumer: AIOKafkaConsumer, kill_topic: str, board: Scoreboard, view: View | None
+) -> None:
+    from tripwire.agents.killswitch import decode_kill_command
+
+    async for message in consumer:
+        try:
+            decision: Decision = (
+                decode_kill_command(message.value)
+                if message.topic == kill_topic
+                else decode_alert(message.value)
+            )
+        except ValueError as exc:
+            logger.warning("undecodable record on %s skipped: %s", message.topic, exc)
+            continue
+        changed = board.decide(decision)
+        if view is not None and (changed or _names_fleet(board, decision)):
+            view.decision(decision, changed)
+
+
+async def _settle(board: Scoreboard, wait_s: float) -> None:
+    """Wait for the worker's last decisions, or until every runaway is caught."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        runaways = [s for s in board.scores.values() if s.session.runaway]
+        if all(score.killed or score.finished for score in runaways):
+            return
+        await asyncio.sleep(0.2)
+
+
+async def _stop(consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
+    await asyncio.gather(consumer.stop(), producer.stop(), return_exceptions=True)
+
+
+def _names_fleet(board: Scoreboard, decision: Decision) -> bool:
+    if decision.session_id in board.scores:
+        return True
+    users = {score.session.user_id for score in board.scores.values()}
+    return decision.user_id in users
+
+
+def decode_alert(data: bytes | None) -> Alert:
+    """Decode an alert from its JSON form, as the worker publishes it.
+
+    Raises:
+        ValueError: the data is not a JSON object with an alert's fields.
+    """
+    try:
+        record = orjson.loads(data or b"")
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"alert is not valid JSON: {exc}") from exc
+    if not isinstance(record, dict):
+        raise ValueError(f"alert must be a JSON object, got {type(record).__name__}")
+    try:
+        record["scope"] = Scope(record["scope"])
+        return Alert(**record)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"alert has a missing or malformed field: {exc}") from exc
+
+
+def span_cost(detector: Detector, span: SpanEvent) -> float:
+    """Return the cost of one span in USD, with the detector's price book."""
+    return detector.prices.cost(span).cost_usd
+
+
+def record_fleet(fleet: Fleet, path: Path) -> None:
+    """Write the fleet's full run as native JSON lines, in event-time order.
+
+    The output text is kept: it is synthetic, and the loop detector needs it
+    when the file is replayed.
+
+    Raises:
+        TripwireError: the file cannot be written.
+    """
+    try:
+        with path.open("wb") as handle:
+            for span in fleet.spans():
+                handle.write(encode_native(span, include_text=True) + b"\n")
+    except OSError as exc:
+        raise TripwireError(
+            f"cannot write the simulated spans to {str(path)!r}: {exc.strerror}; "
+            "check the directory exists and is writable"
+        ) from exc
+    logger.info("wrote %d simulated spans to %s", fleet.span_count, path)
+
+
+class View:
+    """Shows the demo as it runs. The base class shows nothing."""
+
+    def __init__(self, board: Scoreboard, stream: IO[str]) -> None:
+        self.board = board
+        self.stream = stream
+        spans = [span for s in board.fleet.sessions for span in s.spans]
+        self.origin = min(span.start_time for span in spans)
+        self.now = self.origin
+        self.spans_run = 0
+        self.kills = 0
+        self.alerts = 0
+
+    def start(self) -> None:
+        """Show the opening lines."""
+
+    def stop(self) -> None:
+        """Show the final state."""
+
+    def refresh(self) -> None:
+        """Redraw, if the view redraws."""
+
+    def span(self, span: SpanEvent) -> None:
+        """Note that ``span`` ran."""
+        self.spans_run += 1
+        self.now = max(self.now, span.end_time)
+
+    def decision(self, decision: Decision, changed: list[SessionScore]) -> None:
+        """Show one decision and the sessions it changed."""
+        if isinstance(decision, KillCommand):
+            self.kills += 1
+        else:
+            self.alerts += 1
+
+    def headline(self) -> str:
+        """Return what is being simulated, in one line."""
+        fleet = self.board.fleet
+        kinds = Counter(session.expected for session in fleet.sessions)
+        mix = ", ".join(
+            f"{kinds[kind]} {kind}" for kind in (HEALTHY, *RUNAWAY_KINDS) if kinds[kind]
+        )
+        return (
+            f"Simulating {len(fleet.sessions)} agent sessions (seed {fleet.seed}): "
+            f"{mix}; {fleet.span_count:,} spans over {fleet.duration_s:,.0f} s "
+            "of event time."
+        )
+
+    def clock(self) -> str:
+        """Return the event-time clock, ``+SSS.Ss``."""
+        return f"+{self.now - self.origin:6.1f}s"
+
+    def describe(self, decision: Decision, changed: list[SessionScore]) -> str:
+        """Return one line saying what was decided, beside the ground truth."""
+        if isinstance(decision, Alert):
+            truth = _truths(changed) or "-"
+            return (
+                f"{self.clock()}  ALERT  {decision.target:<22} {decision.rule:<24} "
+                f"truth: {truth}"
+            )
+        if decision.scope is Scope.USER:
+            stopped = f"stops {len(changed)} running session(s)"
+            return (
+                f"{self.clock()}  KILL   user {decision.target:<17} "
+                f"{decision.reason:<24} {stopped}, truth: {_truths(changed) or '-'}"
+            )
+        if not changed:
+            return (
+                f"{self.clock()}  KILL   {decision.target:<22} {decision.reason:<24} "
+                "(already stopped)"
+            )
+        score = changed[0]
+        verdict = "caught" if score.session.runaway else "FALSE KILL"
+        return (
+            f"{self.clock()}  KILL   {decision.target:<22} {decision.reason:<24} "
+            f"step {score.killed_at_step}, ${score.cost_run_usd:,.2f} spent, "
+            f"truth: {score.session.expected} [{verdict}]"
+        )
+
+
+class EventLog(View):
+    """Plain lines, one per decision: for logs, pipes and CI."""
+
+    def start(self) -> None:
+        """Print the headline."""
+        self.stream.write(self.headline() + "\n")
+        self.stream.flush()
+
+    def decision(self, decision: Decision, changed: list[SessionScore]) -> None:
+        """Print the decision."""
+        super().decision(decision, changed)
+        self.stream.write(self.describe(decision, changed) + "\n")
+        self.stream.flush()
+
+
+class LiveView(View):
+    """A text view redrawn in place on a terminal, about ten times a second."""
+
+    def __init__(self, board: Scoreboard, stream: IO[str]) -> None:
+        super().__init__(board, stream)
+        self.recent: deque[str] = deque(maxlen=6)
+        self._drawn = 0.0
+
+    def start(self) -> None:
+        """Hide the cursor and draw the empty board."""
+        self.stream.write("\x1b[?25l")
+        self.refresh(force=True)
+
+    def stop(self) -> None:
+        """Draw the final board and give the cursor back."""
+        self.refresh(force=True)
+        self.stream.write("\x1b[?25h\n")
+        self.stream.flush()
+
+    def span(self, span: SpanEvent) -> None:
+        """Note the span; redraw if it is time."""
+        super().span(span)
+        self.refresh()
+
+    def decision(self, decision: Decision, changed: list[SessionScore]) -> None:
+        """Add the decision to the recent events; redraw."""
+        super().decision(decision, changed)
+        self.recent.append(self.describe(decision, changed))
+        self.refresh(force=True)
+
+    def refresh(self, force: bool = False) -> None:
+        """Redraw the board, at most ten times a second unless forced."""
+        now = time.monotonic()
+        if not force and now - self._drawn < _REDRAW_INTERVAL_S:
+            return
+        self._drawn = now
+        width, height = shutil.get_terminal_size((100, 30))
+        lines = self.render(max(height - 2, 12))
+        clipped = [line[: width - 1] for line in lines]
+        self.stream.write("\x1b[H\x1b[2J" + "\n".join(clipped))
+        self.stream.flush()
+
+    def render(self, height: int) -> list[str]:
+        """Return the board's lines, fitted into ``height`` lines."""
+        board = self.board
+        scores = list(board.scores.values())
+        spent = sum(score.cost_run_usd for score in scores)
+        at = datetime.fromtimestamp(self.now, tz=UTC).strftime("%H:%M:%S")
+        lines = [
+            "Tripwire demo: " + self.headline(),
+            f"event time {at} UTC ({self.clock().strip()})   spans run "
+            f"{self.spans_run:,}   kill commands {self.kills}   alerts {self.alerts}"
+            f"   spent ${spent:,.2f}",
+            "",
+            f"{'SESSION':<22} {'AGENT':<19} {'TRUTH':<13} {'STATUS':<9} "
+            f"{'STEPS':>5} {'COST $':>8}  TRIPWIRE",
+        ]
+        shown = [s for s in scores if s.session.runaway or s.killed or s.alerts]
+        room = height - len(lines) - 3 - len(self.recent)
+        for score in shown[: max(room, 0)]:
+            lines.append(_score_line(score))
+        if len(shown) > room > 0:
+            lines.append(f"... {len(shown) - room} more")
+
+        healthy = [s for s in scores if not s.session.runaway]
+        states = Counter(score.status for score in healthy)
+        flagged = sum(1 for score in healthy if score.alerts and not score.killed)
+        lines.append(
+            f"healthy sessions: {len(healthy)}: {states['finished']} finished, "
+            f"{states['running']} running, {states['waiting']} not started, "
+            f"{states['killed']} killed, {flagged} alerted"
+        )
+        lines.append("")
+        lines.extend(self.recent)
+        return lines
+
+
+def _score_line(score: SessionScore) -> str:
+    session = score.session
+    if score.killed:
+        tripwire = f"killed: {score.kill_reason}"
+        tripwire += " [caught]" if session.runaway else " [FALSE KILL]"
+    elif score.alerts:
+        tripwire = "alerted: " + ", ".join(score.alerts)
+    else:
+        tripwire = "-"
+    return (
+        f"{session.session_id:<22} {session.agent_name:<19} {session.expected:<13} "
+        f"{score.status:<9} {score.steps_run:>5} {score.cost_run_usd:>8.2f}  {tripwire}"
+    )
+
+
+def _truths(scores: Iterable[SessionScore]) -> str:
+    return ", ".join(sorted({score.session.expected for score in scores}))
+
+
+def format_report(board: Scoreboard, report: ScoreReport) -> str:
+    """Return the confusion summary: ground truth beside Tripwire's decisions."""
+    scores = list(board.scores.values())
+    lines = [
+        "",
+        "Ground truth vs Tripwire",
+        f"{'KIND':<14} {'SESSIONS':>8} {'CAUGHT':>7} {'STEPS TO KILL':>14} "
+        f"{'SPENT $':>9} {'FULL RUN $':>11} {'SAVED $':>9}",
+    ]
+    for kind in RUNAWAY_KINDS:
+        group = [s for s in scores if s.session.expected == kind]
+        if group:
+            lines.append(_kind_line(kind, group))
+    healthy = [s for s in scores if not s.session.runaway]
+    alerted = sum(1 for s in healthy if s.alerts and not s.killed)
+    spent = sum(s.cost_run_usd for s in healthy)
+    lines.append(
+        f"{HEALTHY:<14} {len(healthy):>8} {'':>7} {'':>14} {spent:>9.2f} "
+        f"{sum(s.full_cost_usd for s in healthy):>11.2f} "
+        f"{'':>9}  {len(report.false_kills)} killed, {alerted} alerted"
+    )
+
+    lines.append("")
+    runaways = sorted(report.caught + report.missed, key=_by_session)
+    for score in runaways:
+        if score.session.expected != USER_CAP:
+            lines.append(_runaway_line(score))
+    lines.extend(_user_lines([s for s in runaways if s.session.expected == USER_CAP]))
+    for score in sorted(report.false_kills, key=_by_session):
+        lines.append(
+            f"  FALSE KILL {score.session.session_id} ({score.session.agent_name}): "
+            f"{score.kill_reason} at step {score.killed_at_step} of {score.full_steps}"
+        )
+
+    runaway = report.caught + report.missed
+    full = sum(s.full_cost_usd for s in runaway)
+    saved = sum(s.saved_usd for s in runaway)
+    share = 100.0 * saved / full if full else 0.0
+    lines.append("")
+    lines.append(
+        f"runaway sessions: {len(report.caught)}/{len(runaway)} caught; spent "
+        f"${full - saved:,.2f} of a ${full:,.2f} full run, ${saved:,.2f} saved "
+        f"({share:.0f}%)"
+    )
+    if report.passed:
+        lines.append("PASS: every runaway session caught, no healthy session killed")
+    else:
+        lines.append(
+            f"FAIL: {len(report.missed)} runaway session(s) missed, "
+            f"{len(report.false_kills)} healthy session(s) killed"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _kind_line(kind: str, group: list[SessionScore]) -> str:
+    caught = [s for s in group if s.caught]
+    steps = [s.killed_at_step for s in caught if s.killed_at_step is not None]
+    median = f"{statistics.median(steps):.0f}" if steps else "-"
+    spent = sum(s.cost_run_usd for s in group)
+    full = sum(s.full_cost_usd for s in group)
+    return (
+        f"{kind:<14} {len(group):>8} {len(caught):>3}/{len(group):<3} "
+        f"{median:>14} {spent:>9.2f} {full:>11.2f} {full - spent:>9.2f}"
+    )
+
+
+def _runaway_line(score: SessionScore) -> str:
+    session = score.session
+    head = f"  {session.expected:<13} {session.session_id} ({session.agent_name}):"
+    if not score.caught:
+        return (
+            f"{head} MISSED, ran all {score.full_steps} steps, "
+            f"${score.full_cost_usd:,.2f}"
+        )
+    return (
+        f"{head} {score.kill_reason} at step {score.killed_at_step} of "
+        f"{score.full_steps}, ${score.cost_run_usd:,.2f} of ${score.full_cost_usd:,.2f}"
+    )
+
+
+def _user_lines(batch: list[SessionScore]) -> list[str]:
+    lines = []
+    for user in sorted({score.session.user_id for score in batch}):
+        mine = [score for score in batch if score.session.user_id == user]
+        reason = next((s.user_kill_reason for s in mine if s.user_kill_reason), None)
+        if reason is None:
+            lines.append(
+                f"  {USER_CAP:<13} user {user}: MISSED, {len(mine)} sessions ran "
+                "to the end"
+            )
+            continue
+        stopped = sum(1 for score in mine if score.killed)
+        lines.append(
+            f"  {USER_CAP:<13} user {user}: {reason}, {stopped} of its "
+            f"{len(mine)} batch sessions stopped mid-run, the others had ended"
+        )
+    return lines
+
+
+def _by_session(score: SessionScore) -> str:
+    return score.session.session_id
