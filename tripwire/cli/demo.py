@@ -585,13 +585,26 @@ class LiveView(View):
             f"{'SESSION':<22} {'AGENT':<19} {'TRUTH':<13} {'STATUS':<9} "
             f"{'STEPS':>5} {'COST $':>8}  TRIPWIRE",
         ]
-        shown = [s for s in scores if s.session.runaway or s.killed or s.alerts]
-        room = height - len(lines) - 3 - len(self.recent)
+        batch = [s for s in scores if s.session.expected == USER_CAP]
+        shown = [
+            s
+            for s in scores
+            if s.session.expected != USER_CAP
+            and (s.session.runaway or s.killed or s.alerts)
+        ]
+        room = height - len(lines) - 4 - len(self.recent)
         for score in shown[: max(room, 0)]:
             lines.append(_score_line(score))
         if len(shown) > room > 0:
             lines.append(f"... {len(shown) - room} more")
 
+        if batch:
+            states = Counter(score.status for score in batch)
+            lines.append(
+                f"user {batch[0].session.user_id}, batch of {len(batch)} sessions "
+                f"({USER_CAP}): {states['running']} running, {states['finished']} "
+                f"finished, {states['killed']} killed"
+            )
         healthy = [s for s in scores if not s.session.runaway]
         states = Counter(score.status for score in healthy)
         flagged = sum(1 for score in healthy if score.alerts and not score.killed)

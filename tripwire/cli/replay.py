@@ -373,15 +373,15 @@ def _cells(row: SessionSummary) -> tuple[str, ...]:
         f"{row.llm_calls:,}",
         f"{row.tool_calls:,}",
         f"{row.tokens:,}",
-        row.verdict,
+        row.verdict(most=2),
     )
 
 
 def _totals(runtime: EmbeddedRuntime, rows: list[SessionSummary], shown: int) -> str:
     counters = runtime.counters
     cost = sum(row.cost_usd for row in rows)
-    killed = sum(1 for row in rows if row.kill_reasons)
-    alerted = sum(1 for row in rows if row.alert_rules and not row.kill_reasons)
+    killed = sum(1 for row in rows if row.killed)
+    alerted = sum(1 for row in rows if row.alert_rules and not row.killed)
     return (
         f"total: {len(rows):,} sessions (top {shown:,} shown), "
         f"{counters.spans:,} spans ({counters.duplicates:,} duplicate, "
@@ -409,7 +409,7 @@ def format_json(runtime: EmbeddedRuntime, limit: int) -> bytes:
         "alerts": counters.alerts,
         "sessions_total": len(rows),
         "cost_usd": round(sum(row.cost_usd for row in rows), 6),
-        "killed_sessions": sum(1 for row in rows if row.kill_reasons),
+        "killed_sessions": sum(1 for row in rows if row.killed),
         "sessions": [_row_json(row) for row in shown],
     }
     return orjson.dumps(document)
@@ -427,8 +427,9 @@ def _row_json(row: SessionSummary) -> dict[str, Any]:
         "input_tokens": row.input_tokens,
         "output_tokens": row.output_tokens,
         "kill_reasons": row.kill_reasons,
+        "user_kill_reasons": row.user_kill_reasons,
         "alert_rules": row.alert_rules,
-        "verdict": row.verdict,
+        "verdict": row.verdict(),
         "evicted": row.evicted,
     }
 

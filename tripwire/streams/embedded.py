@@ -46,7 +46,10 @@ class SessionSummary:
         output_tokens: output tokens of its LLM spans.
         first_seen: event time of its earliest span end.
         last_seen: event time of its latest span end.
-        kill_reasons: reasons of the kill commands its spans triggered, in order.
+        kill_reasons: reasons of the session kill commands its spans
+            triggered, in order.
+        user_kill_reasons: reasons of the user kill commands its spans
+            triggered (its user went over a daily cap), in order.
         alert_rules: rules of the alerts its spans triggered, in order.
         evicted: its state was dropped after it went idle (see
             ``EmbeddedRuntime``); its figures stop there.
@@ -64,6 +67,7 @@ class SessionSummary:
     first_seen: float = 0.0
     last_seen: float = 0.0
     kill_reasons: list[str] = field(default_factory=list)
+    user_kill_reasons: list[str] = field(default_factory=list)
     alert_rules: list[str] = field(default_factory=list)
     evicted: bool = False
 
@@ -78,12 +82,29 @@ class SessionSummary:
         return self.input_tokens + self.output_tokens
 
     @property
-    def verdict(self) -> str:
-        """``killed: <reasons>``, ``alerted: <rules>`` or ``ok``."""
-        if self.kill_reasons:
-            return "killed: " + ", ".join(self.kill_reasons)
+    def killed(self) -> bool:
+        """Whether a kill command, of the session or of its user, named it."""
+        return bool(self.kill_reasons or self.user_kill_reasons)
+
+    def verdict(self, most: int | None = None) -> str:
+        """Return ``killed: <reasons>``, ``alerted: <rules>`` or ``ok``.
+
+        User kills read ``user killed: <reasons>``.
+
+        Args:
+            most: list at most this many reasons, then ``(+N more)``.
+        """
+        parts = []
+        for label, names in (
+            ("killed", self.kill_reasons),
+            ("user killed", self.user_kill_reasons),
+        ):
+            if names:
+                parts.append(f"{label}: {_listed(names, most)}")
+        if parts:
+            return "; ".join(parts)
         if self.alert_rules:
-            return "alerted: " + ", ".join(self.alert_rules)
+            return "alerted: " + _listed(self.alert_rules, most)
         return "ok"
 
 
@@ -264,10 +285,13 @@ class EmbeddedRuntime:
     def _record(self, summary: SessionSummary, decision: Decision) -> None:
         if isinstance(decision, KillCommand):
             self.counters.kills += 1
-            if decision.reason not in summary.kill_reasons:
-                summary.kill_reasons.append(decision.reason)
-            if decision.scope is Scope.USER:
-                logger.debug("user %s killed: %s", decision.target, decision.reason)
+            reasons = (
+                summary.user_kill_reasons
+                if decision.scope is Scope.USER
+                else summary.kill_reasons
+            )
+            if decision.reason not in reasons:
+                reasons.append(decision.reason)
         else:
             self.counters.alerts += 1
             if decision.rule not in summary.alert_rules:
@@ -294,6 +318,12 @@ class EmbeddedRuntime:
         stale = [key for key, day in self._user_days.items() if day.day < cutoff]
         for key in stale:
             del self._user_days[key]
+
+
+def _listed(names: list[str], most: int | None) -> str:
+    if most is None or len(names) <= most:
+        return ", ".join(names)
+    return ", ".join(names[:most]) + f" (+{len(names) - most} more)"
 
 
 def decision_to_json(decision: Decision) -> bytes:

@@ -192,6 +192,10 @@ class Fleet:
         for *_, span in keyed:
             yield span
 
+    def ground_truth(self) -> dict[str, str]:
+        """Return each session id's ground truth, ``"healthy"`` or a kind."""
+        return {session.session_id: session.expected for session in self.sessions}
+
     def with_run_id(self, run_id: str) -> Fleet:
         """Return a copy whose session and user ids end with ``-<run_id>``.
 
