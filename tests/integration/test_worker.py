@@ -23,11 +23,19 @@ import pytest
 import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+    InMemorySpanExporter,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from tripwire.schemas.events import Alert, KillCommand, Scope, SpanEvent, SpanKind
 from tripwire.schemas.killswitch import redis_kill_key
 from tripwire.schemas.native import encode_native
+from tripwire.schemas.otlp import decode_otlp
 from tripwire.streams.app import DLQ_OFFSET, DLQ_PARTITION, DLQ_REASON, DLQ_TOPIC
 from tripwire.streams.core import Detector
 from tripwire.streams.embedded import EmbeddedRuntime
@@ -113,15 +121,13 @@ def _wait_until_up(worker: Worker) -> None:
                 f"worker exited with {worker.process.returncode}:\n{worker.log_tail()}"
             )
         try:
-            status, _ = worker.get("/metrics")
+            status, _ = worker.get("/ready")
         except OSError:
             status = 0
         if status == 200:
             return
         time.sleep(0.5)
-    pytest.fail(
-        f"worker did not serve /metrics in {START_SECONDS}s:\n{worker.log_tail()}"
-    )
+    pytest.fail(f"worker was not ready within {START_SECONDS}s:\n{worker.log_tail()}")
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -146,30 +152,28 @@ async def _delete_topics(bootstrap: str, prefix: str) -> None:
         await admin.close()
 
 
-@pytest.fixture(scope="module")
-def worker(
-    kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Worker]:
-    """Start one worker on fresh topics and a fresh app id for this module."""
-    run = uuid.uuid4().hex[:10]
-    prefix = f"tripwire-test-worker-{run}"
-    topics = {
-        "spans": f"{prefix}.spans",
-        "otlp": f"{prefix}.otlp",
-        "killswitch": f"{prefix}.killswitch",
-        "alerts": f"{prefix}.alerts",
-        "dlq": f"{prefix}.dlq",
+def _topics(prefix: str) -> dict[str, str]:
+    return {
+        name: f"{prefix}.{name}"
+        for name in ("spans", "otlp", "killswitch", "alerts", "dlq")
     }
+
+
+def _launch(
+    bootstrap: str, redis_url: str, prefix: str, data: Path, store: str = "memory://"
+) -> Worker:
+    """Start `tripwire worker` on the topics and app id named by ``prefix``."""
+    topics = _topics(prefix)
     port = _free_port()
-    data = tmp_path_factory.mktemp("worker")
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("TRIPWIRE_")},
         **POLICY_ENV,
         "TRIPWIRE_APP_ID": prefix,
-        "TRIPWIRE_BROKER": kafka_bootstrap,
+        "TRIPWIRE_BROKER": bootstrap,
         "TRIPWIRE_REDIS_URL": redis_url,
         "TRIPWIRE_WEB_PORT": str(port),
         "TRIPWIRE_DATA_DIR": str(data),
+        "TRIPWIRE_STORE": store,
         "TRIPWIRE_PARTITIONS": str(PARTITIONS),
         "TRIPWIRE_BATCH_WITHIN_SECONDS": "0.05",
         "TRIPWIRE_COMMIT_INTERVAL_SECONDS": "0.5",
@@ -177,7 +181,7 @@ def worker(
         "TRIPWIRE_HEARTBEAT_INTERVAL_SECONDS": "1",
         **{f"TRIPWIRE_TOPIC_{name.upper()}": topic for name, topic in topics.items()},
     }
-    log = data / "worker.log"
+    log = data / f"worker-{uuid.uuid4().hex[:6]}.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "tripwire", "worker"],
@@ -188,21 +192,30 @@ def worker(
             start_new_session=True,
         )
     running = Worker(
-        process,
-        log,
-        f"http://127.0.0.1:{port}",
-        kafka_bootstrap,
-        redis_url,
-        topics,
-        prefix,
+        process, log, f"http://127.0.0.1:{port}", bootstrap, redis_url, topics, prefix
     )
     try:
         _wait_until_up(running)
+    except BaseException:
+        _stop(process)
+        raise
+    return running
+
+
+@pytest.fixture(scope="module")
+def worker(
+    kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Worker]:
+    """Start one worker on fresh topics and a fresh app id for this module."""
+    prefix = f"tripwire-test-worker-{uuid.uuid4().hex[:10]}"
+    data = tmp_path_factory.mktemp("worker")
+    running = _launch(kafka_bootstrap, redis_url, prefix, data)
+    try:
         yield running
     finally:
-        _stop(process)
+        _stop(running.process)
         asyncio.run(_delete_topics(kafka_bootstrap, prefix))
-    assert process.returncode == 0, running.log_tail()
+    assert running.process.returncode == 0, running.log_tail()
 
 
 @pytest.fixture
@@ -479,3 +492,111 @@ async def test_unknown_session_is_404(worker: Worker) -> None:
 
     assert status == 404
     assert b"not in this worker" in body
+
+
+def _otlp_record(run: str) -> tuple[bytes, list[str]]:
+    """Record one runaway and one healthy session with the OTel SDK, as OTLP."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "planner"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("tripwire.tests")
+    plan = {f"otlp-runaway-{run}": (12, 60_000), f"otlp-healthy-{run}": (3, 800)}
+    for session, (calls, input_tokens) in plan.items():
+        for call in range(calls):
+            start = int((BASE_TIME + call * 30.0) * 1e9)
+            span = tracer.start_span(
+                "chat gpt-4o",
+                start_time=start,
+                attributes={
+                    "session.id": session,
+                    "user.id": f"{session}-user",
+                    "gen_ai.operation.name": "chat",
+                    "gen_ai.provider.name": "openai",
+                    "gen_ai.request.model": "gpt-4o",
+                    "gen_ai.usage.input_tokens": input_tokens,
+                    "gen_ai.usage.output_tokens": 200,
+                },
+            )
+            span.end(end_time=start + 2_000_000_000)
+    record = encode_spans(list(exporter.get_finished_spans())).SerializeToString()
+    return record, list(plan)
+
+
+async def test_otlp_records_get_the_same_decisions_as_native_spans(
+    worker: Worker, producer: AIOKafkaProducer
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    record, sessions = _otlp_record(run)
+    decoded = decode_otlp(record, "otlp_proto")
+    expected = _reference_decisions(decoded.spans)
+    assert ("kill", sessions[0], "token_budget") in expected
+
+    await _produce(producer, worker.topics["otlp"], [(None, record)])
+
+    def ours(records: list[Any]) -> set[Key]:
+        keys = {_record_key(r.topic, r.value, worker.topics) for r in records}
+        return {key for key in keys if run in key[1]}
+
+    records = await _consume_until(
+        worker.bootstrap,
+        [worker.topics["killswitch"], worker.topics["alerts"]],
+        lambda got: ours(got) >= expected,
+    )
+    assert await _wait_for(
+        lambda: (worker.session(sessions[1]) or {}).get("spans") == 3
+    )
+    assert ours(records) == expected
+    assert (worker.session(sessions[0]) or {}).get("llm_calls") == 12
+
+
+@pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
+async def test_restart_restores_state_and_never_repeats_a_kill(
+    kafka_bootstrap: str, redis_url: str, tmp_path: Path, store: str
+) -> None:
+    prefix = f"tripwire-test-restart-{uuid.uuid4().hex[:10]}"
+    session = f"restart-{uuid.uuid4().hex[:8]}"
+    first_half = _spans_records(_llm_span(session, i, 0.45) for i in range(6))
+    second_half = _spans_records(_llm_span(session, i, 0.45) for i in range(6, 8))
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    await producer.start()
+    first = await asyncio.to_thread(
+        _launch, kafka_bootstrap, redis_url, prefix, tmp_path, store
+    )
+    try:
+        await _produce(producer, first.topics["spans"], first_half)
+        assert await _wait_for(lambda: (first.session(session) or {}).get("spans") == 6)
+        before = first.session(session)
+        await asyncio.to_thread(_stop, first.process)
+        assert first.process.returncode == 0, first.log_tail()
+
+        second = await asyncio.to_thread(
+            _launch, kafka_bootstrap, redis_url, prefix, tmp_path, store
+        )
+        try:
+            assert second.session(session) == before
+            # The first half again (a redelivery), then two new spans.
+            await _produce(producer, second.topics["spans"], first_half + second_half)
+            assert await _wait_for(
+                lambda: (second.session(session) or {}).get("spans") == 8
+            )
+            samples = second.metrics()
+        finally:
+            await asyncio.to_thread(_stop, second.process)
+        assert second.process.returncode == 0, second.log_tail()
+
+        kills = await _consume_until(
+            kafka_bootstrap,
+            [first.topics["killswitch"]],
+            lambda got: False,
+            timeout=3.0,
+        )
+        assert [orjson.loads(r.value)["reason"] for r in kills] == [
+            "session_cost_budget"
+        ]
+        assert (
+            _metric(samples, "tripwire_kills_total", reason="session_cost_budget") == 0
+        )
+        assert _metric(samples, "tripwire_spans_total", outcome="duplicate") == 6
+    finally:
+        await producer.stop()
+        await _delete_topics(kafka_bootstrap, prefix)

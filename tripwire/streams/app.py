@@ -17,6 +17,7 @@ from typing import Any, cast
 import faust
 import orjson
 from faust import streams as faust_streams
+from faust.exceptions import SameNode
 from faust.types import EventT
 
 from tripwire.config import WorkerSettings
@@ -232,9 +233,27 @@ class TripwireApp:
             # aiohttp refuses a charset inside content_type; a header may carry it.
             return web.bytes(metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
+        @app.page("/ready")
+        async def ready_view(web: Any, request: Any) -> Any:
+            if not self.ready:
+                return web.json({"ready": False}, status=503)
+            return web.json({"ready": True})
+
         @app.page("/sessions/{session_id}")
-        @app.table_route(table=self.sessions, match_info="session_id")
         async def session_view(web: Any, request: Any, session_id: str) -> Any:
+            if not self.ready:
+                return web.json(
+                    {"error": "the worker is assigning partitions; retry shortly"},
+                    status=503,
+                )
+            try:
+                # The owner of the session's partition answers: this worker,
+                # or another one the request is forwarded to.
+                return await app.router.route_req(
+                    self.sessions.name, session_id.encode(), web, request
+                )
+            except SameNode:
+                pass
             document = self.session_document(session_id)
             if document is None:
                 return web.json(
@@ -242,6 +261,17 @@ class TripwireApp:
                     status=404,
                 )
             return web.json(document)
+
+    @property
+    def ready(self) -> bool:
+        """Whether partitions are assigned and the tables recovered."""
+        app = self.app
+        recovery = cast(Any, app.tables).recovery
+        return bool(
+            not app.rebalancing
+            and recovery.completed.is_set()
+            and app.consumer.assignment()
+        )
 
     def _sender(self, topic: faust.TopicT) -> Any:
         async def send(key: bytes, value: bytes) -> None:
