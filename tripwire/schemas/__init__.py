@@ -10,6 +10,7 @@ from tripwire.schemas.events import (
     ToolStatus,
     decision_id,
 )
+from tripwire.schemas.native import decode_native, encode_native, iter_native_lines
 
 __all__ = [
     "Action",
@@ -20,4 +21,7 @@ __all__ = [
     "SpanKind",
     "ToolStatus",
     "decision_id",
+    "decode_native",
+    "encode_native",
+    "iter_native_lines",
 ]
