@@ -10,6 +10,7 @@ import statistics
 import sys
 import textwrap
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -157,6 +158,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.record:
         record_fleet(fleet, Path(args.record))
+    if args.broker:
+        # The worker keeps session and user-day state across runs.
+        fleet = fleet.with_run_id(uuid.uuid4().hex[:8])
     board = Scoreboard(fleet, lambda span: span_cost(detector, span))
 
     live = not args.no_live and sys.stdout.isatty()
@@ -267,8 +271,8 @@ async def play_on_broker(
 
     Spans go to the worker's span topic as native JSON keyed by session id;
     kill commands and alerts come back on its kill-switch and alert topics.
-    Session and user ids get a per-run suffix, since the worker keeps state
-    across runs. A span of a session already killed is never sent.
+    A span of a session already killed is never sent. Give the fleet per-run
+    ids (:meth:`Fleet.with_run_id`): the worker keeps state across runs.
 
     Args:
         fleet: the simulated fleet.
