@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from tripwire.errors import ConfigError
+from tripwire.schemas.killswitch import REDIS_KEY_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class WorkerSettings:
     session_timeout_seconds: float = 30.0
     heartbeat_interval_seconds: float = 3.0
     redis_timeout_seconds: float = 1.0
+    redis_key_prefix: str = REDIS_KEY_PREFIX
     session_idle_seconds: float = 21_600.0
     sweep_interval_seconds: float = 60.0
     prices_file: Path | None = None
@@ -139,6 +141,7 @@ def _settings_table() -> dict[str, Callable[[str, Any], Any]]:
         "session_timeout_seconds": _float_parser(1.0, 3600.0),
         "heartbeat_interval_seconds": _float_parser(0.1, 600.0),
         "redis_timeout_seconds": _float_parser(0.01, 60.0),
+        "redis_key_prefix": _parse_key_prefix,
         "session_idle_seconds": _float_parser(0.0, 90 * 86_400.0),
         "sweep_interval_seconds": _float_parser(0.1, 86_400.0),
         "prices_file": _parse_existing_file,
@@ -343,6 +346,16 @@ def _parse_redis_url(origin: str, value: Any) -> str | None:
         raise ConfigError(
             f"Redis URL {_redact(text)!r} names no host ({origin}): "
             "use redis://host:port/db"
+        )
+    return text
+
+
+def _parse_key_prefix(origin: str, value: Any) -> str:
+    text = str(value).strip()
+    if not text or any(ch.isspace() for ch in text):
+        raise ConfigError(
+            f"Redis key prefix {text!r} is empty or has spaces ({origin}): use "
+            f"something like {REDIS_KEY_PREFIX!r}, the same the agents read"
         )
     return text
 

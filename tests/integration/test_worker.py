@@ -171,6 +171,7 @@ def _launch(
         "TRIPWIRE_APP_ID": prefix,
         "TRIPWIRE_BROKER": bootstrap,
         "TRIPWIRE_REDIS_URL": redis_url,
+        "TRIPWIRE_REDIS_KEY_PREFIX": f"{prefix}:kill",
         "TRIPWIRE_WEB_PORT": str(port),
         "TRIPWIRE_DATA_DIR": str(data),
         "TRIPWIRE_STORE": store,
@@ -202,6 +203,16 @@ def _launch(
     return running
 
 
+def _delete_keys(redis_url: str, pattern: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=pattern))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
 @pytest.fixture(scope="module")
 def worker(
     kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
@@ -215,6 +226,7 @@ def worker(
     finally:
         _stop(running.process)
         asyncio.run(_delete_topics(kafka_bootstrap, prefix))
+        _delete_keys(redis_url, f"{prefix}:*")
     assert running.process.returncode == 0, running.log_tail()
 
 
@@ -352,10 +364,12 @@ async def test_runaway_session_is_killed_and_healthy_one_is_not(
     assert kills[0]["scope"] == "session"
     flag = redis.Redis.from_url(worker.redis_url)
     try:
-        stored = flag.get(redis_kill_key(Scope.SESSION, runaway))
+        prefix = f"{worker.app_id}:kill"
+        stored = flag.get(redis_kill_key(Scope.SESSION, runaway, prefix))
         assert stored is not None
         assert orjson.loads(stored)["command_id"] == kills[0]["command_id"]
-        assert flag.get(redis_kill_key(Scope.SESSION, healthy)) is None
+        assert 0 < flag.ttl(redis_kill_key(Scope.SESSION, runaway, prefix)) <= 3600
+        assert flag.get(redis_kill_key(Scope.SESSION, healthy, prefix)) is None
     finally:
         flag.close()
     later = await _consume_until(
@@ -600,3 +614,4 @@ async def test_restart_restores_state_and_never_repeats_a_kill(
     finally:
         await producer.stop()
         await _delete_topics(kafka_bootstrap, prefix)
+        _delete_keys(redis_url, f"{prefix}:*")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import logging
 import math
 import socket
@@ -222,6 +223,17 @@ class TripwireApp:
 
         # Faust's signal stubs reject coroutine receivers; the call is fine.
         cast(Any, app.on_rebalance_complete).connect(on_rebalance_complete)
+
+        async def announce_ready() -> None:
+            while not self.ready:
+                await asyncio.sleep(0.2)
+            logger.info(
+                "worker ready: %d session(s) and %d user-day(s) in the local tables",
+                len(self.sessions),
+                len(self.user_days),
+            )
+
+        app.task(announce_ready)
 
     def _declare_views(self) -> None:
         app = self.app
@@ -811,6 +823,11 @@ def run_worker(
         ConfigError: a topic's partition count does not match the settings.
         TripwireError: Kafka refuses the topic set-up.
     """
+    if logging.getLevelName(log_level) != logging.DEBUG:
+        # Faust, mode and aiokafka narrate every service start and stop at INFO;
+        # their warnings and errors still show.
+        for name in ("faust", "mode", "aiokafka"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     loop.run_until_complete(prepare_topics(settings))
@@ -821,6 +838,7 @@ def run_worker(
             settings.redis_url,
             worker_app.metrics,
             timeout_seconds=settings.redis_timeout_seconds,
+            key_prefix=settings.redis_key_prefix,
         )
         if loop.run_until_complete(mirror.ping()):
             logger.info("Redis mirror ready")
@@ -837,6 +855,8 @@ def run_worker(
         loop=loop,
         loglevel=log_level,
         quiet=True,
+        # The start-up spinner writes terminal escapes; logs say the same.
+        stdout=io.StringIO(),
         redirect_stdouts=False,
         override_logging=False,
     )
