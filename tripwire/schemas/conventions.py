@@ -142,6 +142,22 @@ _TEXT_KEYS = ("content", "text")
 _MAX_INDEXED_MESSAGES = 16
 _MAX_JSON_DEPTH = 8
 _EMPTY: Mapping[str, object] = MappingProxyType({})
+# Instrumentation scopes such as "opentelemetry.instrumentation.openai.v1" or
+# "openinference.instrumentation.anthropic" name the provider they wrap.
+_SCOPE_PROVIDERS = {
+    "openai": "openai",
+    "openai_v2": "openai",
+    "anthropic": "anthropic",
+    "bedrock": "aws.bedrock",
+    "botocore": "aws.bedrock",
+    "vertexai": "gcp.vertex_ai",
+    "google_genai": "gcp.gen_ai",
+    "google_generativeai": "gcp.gemini",
+    "mistralai": "mistral_ai",
+    "groq": "groq",
+    "cohere": "cohere",
+    "ollama": "ollama",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +348,8 @@ def _normalise(span: OtelSpan, mapping: MappingConfig) -> SpanEvent | Skipped:
         return kind
 
     provider = _lower(_first_text(attrs, PROVIDER_ATTRIBUTES))
+    if provider is None and kind is SpanKind.LLM:
+        provider = _scope_provider(span.scope_name)
     usage = kind is SpanKind.LLM or (
         kind is SpanKind.AGENT and mapping.count_agent_usage
     )
@@ -693,6 +711,14 @@ def _count(value: object, name: str) -> int:
             name,
         )
     return count
+
+
+def _scope_provider(scope_name: str | None) -> str | None:
+    """Return the provider an instrumentation scope wraps, if it names one."""
+    if not scope_name:
+        return None
+    _, marker, rest = scope_name.partition("instrumentation.")
+    return _SCOPE_PROVIDERS.get(rest.split(".", 1)[0]) if marker else None
 
 
 def _lower(value: str | None) -> str | None:

@@ -331,6 +331,38 @@ def test_cache_parts_cannot_exceed_a_reported_total() -> None:
     assert "exceed input_tokens" in info.value.reason
 
 
+@pytest.mark.parametrize(
+    ("scope", "provider"),
+    [
+        ("opentelemetry.instrumentation.openai.v1", "openai"),
+        ("openinference.instrumentation.anthropic", "anthropic"),
+        ("openinference.instrumentation.langchain", None),
+        ("my.tracer", None),
+        (None, None),
+    ],
+)
+def test_provider_falls_back_to_the_instrumentation_scope(
+    scope: str | None, provider: str | None
+) -> None:
+    span = otel_span({"llm.request.type": "chat"})
+    span.scope_name = scope
+
+    result = normalise_span(span)
+
+    assert isinstance(result, SpanEvent)
+    assert result.provider == provider
+
+
+def test_provider_attribute_wins_over_the_scope() -> None:
+    span = otel_span({"gen_ai.operation.name": "chat", "gen_ai.system": "Groq"})
+    span.scope_name = "opentelemetry.instrumentation.openai"
+
+    result = normalise_span(span)
+
+    assert isinstance(result, SpanEvent)
+    assert result.provider == "groq"
+
+
 def test_http_span_is_skipped_not_rejected() -> None:
     result = normalise_span(otel_span({"http.request.method": "POST"}))
 
