@@ -102,6 +102,8 @@ def test_describe_hides_the_redis_password() -> None:
         ("otlp_enabled", "maybe", "not a boolean"),
         ("batch_within_seconds", "-1", "TRIPWIRE_BATCH_WITHIN_SECONDS must be"),
         ("prices_file", "/does/not/exist.json", "does not exist"),
+        ("redis_key_prefix", "a b", "empty or has spaces"),
+        ("session_idle_seconds", "-5", "TRIPWIRE_SESSION_IDLE_SECONDS must be"),
     ],
 )
 def test_bad_values_name_the_setting(name: str, value: str, fragment: str) -> None:
