@@ -52,6 +52,7 @@ DEFAULT_USER_ATTRIBUTES: tuple[str, ...] = (
 )
 """Attributes naming the end user, first present wins."""
 
+# Candidate attributes of each field, first present wins (docs/conventions.md).
 INPUT_TOKEN_ATTRIBUTES = (
     "gen_ai.usage.input_tokens",
     "gen_ai.usage.prompt_tokens",
@@ -100,7 +101,7 @@ TOOL_ARGS_ATTRIBUTES = (
 )
 AGENT_NAME_ATTRIBUTES = ("gen_ai.agent.name", "agent.name")
 
-_OPENINFERENCE_KINDS: dict[str, SpanKind | None] = {
+_OPENINFERENCE_KINDS: dict[str, SpanKind] = {
     "LLM": SpanKind.LLM,
     "EMBEDDING": SpanKind.LLM,
     "TOOL": SpanKind.TOOL,
@@ -199,6 +200,8 @@ class MappingConfig:
                     f"MappingConfig.{name} must be a list of non-empty attribute "
                     f"names, got {values!r}"
                 )
+            if name == "input_excludes_cache_providers":
+                values = [value.lower() for value in values]
             object.__setattr__(self, name, tuple(values))
 
 
@@ -343,7 +346,7 @@ def hash_tool_args(arguments: object) -> str:
 
 def _normalise(span: OtelSpan, mapping: MappingConfig) -> SpanEvent | Skipped:
     attrs = span.attributes
-    kind = _kind(span, attrs)
+    kind = _kind(attrs)
     if isinstance(kind, Skipped):
         return kind
 
@@ -378,7 +381,7 @@ def _normalise(span: OtelSpan, mapping: MappingConfig) -> SpanEvent | Skipped:
     return span_from_mapping(record)
 
 
-def _kind(span: OtelSpan, attrs: Mapping[str, object]) -> SpanKind | Skipped:
+def _kind(attrs: Mapping[str, object]) -> SpanKind | Skipped:
     """Decide what the span measured; explicit kind attributes win."""
     openinference = attrs.get("openinference.span.kind")
     if isinstance(openinference, str):
