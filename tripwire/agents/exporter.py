@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from tripwire.agents.killswitch import valid_topic_name
 from tripwire.errors import ConfigError, SpanValidationError
 from tripwire.schemas.conventions import (
     DEFAULT_SESSION_ATTRIBUTES,
@@ -135,10 +136,10 @@ class KafkaSpanExporter(SpanExporter):
                 "value; pass host:port, for example '127.0.0.1:9092'"
             )
 
-        if not topic:
+        if not valid_topic_name(topic):
             raise ConfigError(
-                f"span topic must be a non-empty name, got {topic!r}; the worker "
-                f"reads {SPANS_TOPIC!r}"
+                f"span topic must be a Kafka topic name (1 to 249 letters, digits, "
+                f"'.', '_' or '-'), got {topic!r}; the worker reads {SPANS_TOPIC!r}"
             )
 
         for name, value in (("max_queue", max_queue), ("batch_size", batch_size)):
@@ -456,14 +457,20 @@ class KafkaSpanExporter(SpanExporter):
         """Send one batch and count each span as exported or failed."""
         exported = failed = 0
         deliveries: list[asyncio.Future[Any]] = []
-        for record in batch:
+        for index, record in enumerate(batch):
             try:
                 deliveries.append(
                     await producer.send(self._topic, record.value, key=record.key)
                 )
-            except (KafkaError, OSError) as exc:
+            except MessageSizeTooLargeError as exc:
                 failed += 1
                 logger.debug("span not accepted by the producer: %s", exc)
+            except (KafkaError, OSError) as exc:
+                # The producer waited delivery_timeout for the topic's metadata
+                # or for buffer room: the rest would wait as long, each.
+                failed += len(batch) - index
+                logger.debug("producer refused the rest of a batch: %s", exc)
+                break
 
         for outcome in await asyncio.gather(*deliveries, return_exceptions=True):
             if isinstance(outcome, BaseException):

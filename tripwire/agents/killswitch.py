@@ -7,6 +7,7 @@ import contextlib
 import inspect
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -44,6 +45,20 @@ _REDIS_RETRY_SECONDS = 5.0
 _RECONNECT_SECONDS = 2.0
 # How many commands the in-process set keeps; the oldest go first.
 _MAX_REMEMBERED = 100_000
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def valid_topic_name(name: str) -> bool:
+    """Say whether ``name`` follows Kafka's rule for topic names.
+
+    Args:
+        name: the topic name to check.
+
+    Returns:
+        True for 1 to 249 ASCII letters, digits, dots, underscores or dashes,
+        other than "." and "..".
+    """
+    return bool(_TOPIC_NAME.fullmatch(name)) and name not in (".", "..")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,10 +101,11 @@ def _settings(
             "a Redis URL, or both"
         )
 
-    if not topic:
+    if not valid_topic_name(topic):
         raise ConfigError(
-            f"kill-switch topic must be a non-empty name, got {topic!r}; "
-            f"the worker publishes on {KILLSWITCH_TOPIC!r}"
+            f"kill-switch topic must be a Kafka topic name (1 to 249 letters, "
+            f"digits, '.', '_' or '-'), got {topic!r}; the worker publishes on "
+            f"{KILLSWITCH_TOPIC!r}"
         )
 
     if redis_timeout <= 0:
@@ -864,11 +880,6 @@ class AsyncKillSwitch:
             return self
         ready = asyncio.Event()
         self._ready = ready
-        if self._settings.redis_url:
-            self._redis = aioredis.Redis.from_url(
-                self._settings.redis_url,
-                **_redis_options(self._settings.redis_timeout),
-            )
         self._subscriptions = _Subscriptions(self._settings, self._book, ready.set)
         self._task = asyncio.get_running_loop().create_task(
             self._subscriptions.run(), name="tripwire-killswitch"
@@ -992,10 +1003,16 @@ class AsyncKillSwitch:
         """
         command = self._book.lookup(session_id, user_id)
         health = self._redis_health
-        if command is not None or self._redis is None or health is None:
+        url = self._settings.redis_url
+        if command is not None or url is None or health is None:
             return command
         if not health.usable():
             return None
+        if self._redis is None:
+            # Created on first use, on the loop that will use it.
+            self._redis = aioredis.Redis.from_url(
+                url, **_redis_options(self._settings.redis_timeout)
+            )
 
         scoped = _lookup_keys(session_id, user_id)
         keys = [

@@ -218,7 +218,8 @@ def test_force_flush_with_nothing_queued_succeeds(unreachable):
     ("options", "problem"),
     [
         ({"bootstrap_servers": ""}, "at least one broker"),
-        ({"topic": ""}, "non-empty name"),
+        ({"topic": ""}, "must be a Kafka topic name"),
+        ({"topic": "spans for agents"}, "must be a Kafka topic name"),
         ({"max_queue": 0}, "max_queue must be >= 1"),
         ({"batch_size": 0}, "batch_size must be >= 1"),
         ({"shutdown_timeout": 0}, "shutdown_timeout must be > 0"),

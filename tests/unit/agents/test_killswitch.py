@@ -218,3 +218,9 @@ async def test_register_without_a_task_uses_the_current_one():
 
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 30)
+
+
+@pytest.mark.parametrize("topic", ["", "kill switch", "..", "x" * 250])
+def test_topic_must_be_a_kafka_topic_name(topic):
+    with pytest.raises(ConfigError, match="must be a Kafka topic name"):
+        KillSwitch("127.0.0.1:9092", topic)
