@@ -160,7 +160,12 @@ def _topics(prefix: str) -> dict[str, str]:
 
 
 def _launch(
-    bootstrap: str, redis_url: str, prefix: str, data: Path, store: str = "memory://"
+    bootstrap: str,
+    redis_url: str,
+    prefix: str,
+    data: Path,
+    store: str = "memory://",
+    **extra_env: str,
 ) -> Worker:
     """Start `tripwire worker` on the topics and app id named by ``prefix``."""
     topics = _topics(prefix)
@@ -181,6 +186,7 @@ def _launch(
         "TRIPWIRE_SESSION_TIMEOUT_SECONDS": "10",
         "TRIPWIRE_HEARTBEAT_INTERVAL_SECONDS": "1",
         **{f"TRIPWIRE_TOPIC_{name.upper()}": topic for name, topic in topics.items()},
+        **extra_env,
     }
     log = data / f"worker-{uuid.uuid4().hex[:6]}.log"
     with log.open("wb") as sink:
@@ -615,3 +621,47 @@ async def test_restart_restores_state_and_never_repeats_a_kill(
         await producer.stop()
         await _delete_topics(kafka_bootstrap, prefix)
         _delete_keys(redis_url, f"{prefix}:*")
+
+
+async def test_idle_sessions_are_evicted_by_event_time(
+    kafka_bootstrap: str, redis_url: str, tmp_path: Path
+) -> None:
+    prefix = f"tripwire-test-idle-{uuid.uuid4().hex[:10]}"
+    old, new = f"idle-old-{uuid.uuid4().hex[:6]}", f"idle-new-{uuid.uuid4().hex[:6]}"
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    await producer.start()
+    worker = await asyncio.to_thread(
+        _launch,
+        kafka_bootstrap,
+        redis_url,
+        prefix,
+        tmp_path,
+        TRIPWIRE_SESSION_IDLE_SECONDS="600",
+        TRIPWIRE_SWEEP_INTERVAL_SECONDS="0.1",
+    )
+    try:
+        await _produce(
+            producer, worker.topics["spans"], _spans_records([_llm_span(old, 0, 0.1)])
+        )
+        assert await _wait_for(lambda: worker.session(old) is not None)
+        # Two hours of event time later, in another session: "old" is idle.
+        late = [_llm_span(new, i, 0.1) for i in range(60, 62)]
+        await _produce(producer, worker.topics["spans"], _spans_records(late))
+        assert await _wait_for(lambda: worker.session(old) is None)
+
+        assert (worker.session(new) or {}).get("spans") == 2
+        steps = _metric(
+            worker.metrics(), "agent_session_steps_count", agent="researcher"
+        )
+        assert steps == 1
+        # The evicted session starts afresh when it comes back.
+        await _produce(
+            producer, worker.topics["spans"], _spans_records([_llm_span(old, 61, 0.1)])
+        )
+        assert await _wait_for(lambda: (worker.session(old) or {}).get("spans") == 1)
+    finally:
+        await asyncio.to_thread(_stop, worker.process)
+        await producer.stop()
+        await _delete_topics(kafka_bootstrap, prefix)
+        _delete_keys(redis_url, f"{prefix}:*")
+    assert worker.process.returncode == 0, worker.log_tail()

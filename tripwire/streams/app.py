@@ -27,7 +27,7 @@ from tripwire.schemas.events import Alert, KillCommand, Scope, SpanEvent
 from tripwire.schemas.native import decode_native, encode_native
 from tripwire.schemas.otlp import OtlpEncoding, decode_otlp
 from tripwire.streams.core import Detector, Usage
-from tripwire.streams.effects import DecisionPublisher, RedisMirror
+from tripwire.streams.effects import DecisionPublisher, RedisMirror, Send
 from tripwire.streams.metrics import CONTENT_TYPE, WorkerMetrics
 from tripwire.streams.policy import RULE_BIT, RULES
 from tripwire.streams.state import SessionState, StateDecodeError, UserDayState
@@ -285,7 +285,7 @@ class TripwireApp:
             and app.consumer.assignment()
         )
 
-    def _sender(self, topic: faust.TopicT) -> Any:
+    def _sender(self, topic: faust.TopicT) -> Send:
         async def send(key: bytes, value: bytes) -> None:
             delivery = await topic.send(key=key, value=value)
             await delivery
