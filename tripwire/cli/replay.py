@@ -248,13 +248,13 @@ def replay(
     feed = runtime.feed
     write = out.write
     for name in files:
+        where = "<stdin>" if name == "-" else name
         for item in read_spans(name, progress):
-            if isinstance(item, SpanEvent):
+            if isinstance(item, SpanValidationError):
+                runtime.record_invalid(item, where)
+            else:
                 for decision in feed(item):
                     write(decision_to_json(decision))
-            else:
-                error, where = item
-                runtime.record_invalid(error, where)
             if progress is not None:
                 progress.tick(runtime.counters.spans)
 
@@ -500,24 +500,25 @@ class _CountingReader:
 
 def read_spans(
     name: str, progress: Progress | None = None
-) -> Iterator[SpanEvent | tuple[SpanValidationError, str]]:
-    """Yield the spans of one file, and ``(error, where)`` for each bad record.
+) -> Iterator[SpanEvent | SpanValidationError]:
+    """Yield the spans of one file, and an error for each bad record.
+
+    Native JSON lines are read line by line; OTLP JSON and protobuf files are
+    recognised by their first bytes and decoded whole.
 
     Args:
         name: a path, or ``-`` for native JSON lines on stdin.
         progress: credited with the bytes read, when given.
 
     Yields:
-        Spans in file order; an ``(error, where)`` pair per invalid record,
-        ``where`` naming the file.
+        Spans in file order, and a :class:`SpanValidationError` per invalid
+        record, its reason naming the line when there is one.
 
     Raises:
         TripwireError: the file cannot be opened or read.
     """
-    where = "<stdin>" if name == "-" else name
     if name == "-":
-        lines = iter_native_lines(_CountingReader(sys.stdin.buffer, progress))
-        yield from _tag(lines, where)
+        yield from iter_native_lines(_reader(sys.stdin.buffer, progress))
         return
 
     try:
@@ -525,23 +526,23 @@ def read_spans(
             encoding = sniff_encoding(handle.read(_SNIFF_BYTES))
             handle.seek(0)
             if encoding == "native":
-                lines = iter_native_lines(_CountingReader(handle, progress))
-                yield from _tag(lines, where)
+                yield from iter_native_lines(_reader(handle, progress))
                 return
     except OSError as exc:
         raise TripwireError(
-            f"cannot read spans from {where!r}: {exc.strerror}; check the path "
+            f"cannot read spans from {name!r}: {exc.strerror}; check the path "
             "and its permissions"
         ) from exc
 
     # OTLP files are decoded whole, so their progress is counted at the end.
-    yield from _tag(iter_file_spans(name), where)
+    yield from iter_file_spans(name)
     if progress is not None:
         progress.bytes_read += os.path.getsize(name)
 
 
-def _tag(
-    items: Iterator[SpanEvent | SpanValidationError], where: str
-) -> Iterator[SpanEvent | tuple[SpanValidationError, str]]:
-    for item in items:
-        yield item if isinstance(item, SpanEvent) else (item, where)
+def _reader(raw: IO[bytes], progress: Progress | None) -> IO[bytes] | _CountingReader:
+    return (
+        raw
+        if progress is None or not progress.enabled
+        else _CountingReader(raw, progress)
+    )

@@ -170,7 +170,9 @@ class EmbeddedRuntime:
         self.idle_timeout_s = idle_timeout_s
         self.counters = RuntimeCounters()
         self._sessions: OrderedDict[str, SessionState] = OrderedDict()
-        self._user_days: dict[str, UserDayState] = {}
+        self._user_days: dict[tuple[str, str], UserDayState] = {}
+        self._observe_span = detector.observe_span
+        self._observe_usage = detector.observe_usage
         self._summaries: dict[str, SessionSummary] = {}
         self._watermark = float("-inf")
         self._days_checked_at = float("-inf")
@@ -188,33 +190,54 @@ class EmbeddedRuntime:
         counters = self.counters
         counters.spans += 1
         session_id = span.session_id
-        state = self._sessions.get(session_id)
-        state, outcome = self.detector.observe_span(state, span)
-        self._sessions[session_id] = state
-        self._sessions.move_to_end(session_id)
+        sessions = self._sessions
+        state, outcome = self._observe_span(sessions.get(session_id), span)
+        sessions[session_id] = state
         decisions: list[Decision] = outcome.decisions
         usage = outcome.usage
         if usage is not None:
             # Keyed as the worker keys its user-day table: user id and day.
-            key = f"{usage.user_id}\x1f{usage.day}"
-            user_day, more = self.detector.observe_usage(
-                self._user_days.get(key), usage
-            )
+            key = (usage.user_id, usage.day)
+            user_day, more = self._observe_usage(self._user_days.get(key), usage)
             self._user_days[key] = user_day
             if more:
                 decisions = [*decisions, *more]
 
-        summary = self._summary(span)
-        if outcome.duplicate:
+        summary = self._summaries.get(session_id)
+        if summary is None:
+            summary = self._summaries[session_id] = SessionSummary(
+                session_id,
+                span.agent_name,
+                span.user_id,
+                first_seen=span.end_time,
+                last_seen=span.end_time,
+            )
+        cost = outcome.cost
+        if outcome.duplicate or cost is None:
             counters.duplicates += 1
-        elif outcome.cost is not None:
-            self._count(summary, span, outcome.cost.cost_usd)
+        else:
+            kind = span.kind
+            if kind is SpanKind.LLM:
+                summary.llm_calls += 1
+                summary.input_tokens += span.input_tokens
+                summary.output_tokens += span.output_tokens
+            elif kind is SpanKind.TOOL:
+                summary.tool_calls += 1
+                if span.tool_status is ToolStatus.ERROR:
+                    summary.tool_errors += 1
+            summary.cost_usd += cost.cost_usd
+            end = span.end_time
+            if end > summary.last_seen:
+                summary.last_seen = end
+            elif end < summary.first_seen:
+                summary.first_seen = end
         for decision in decisions:
             self._record(summary, decision)
 
-        if span.end_time > self._watermark:
-            self._watermark = span.end_time
-            if self.idle_timeout_s is not None:
+        if self.idle_timeout_s is not None:
+            sessions.move_to_end(session_id)
+            if span.end_time > self._watermark:
+                self._watermark = span.end_time
                 self._evict(self._watermark - self.idle_timeout_s)
         return decisions
 
@@ -255,33 +278,6 @@ class EmbeddedRuntime:
 
     # Bookkeeping -------------------------------------------------------------
 
-    def _summary(self, span: SpanEvent) -> SessionSummary:
-        summary = self._summaries.get(span.session_id)
-        if summary is None:
-            summary = SessionSummary(
-                span.session_id, first_seen=span.end_time, last_seen=span.end_time
-            )
-            self._summaries[span.session_id] = summary
-        if summary.agent_name is None:
-            summary.agent_name = span.agent_name
-        if summary.user_id is None:
-            summary.user_id = span.user_id
-        return summary
-
-    def _count(self, summary: SessionSummary, span: SpanEvent, cost: float) -> None:
-        kind = span.kind
-        if kind is SpanKind.LLM:
-            summary.llm_calls += 1
-            summary.input_tokens += span.input_tokens
-            summary.output_tokens += span.output_tokens
-        elif kind is SpanKind.TOOL:
-            summary.tool_calls += 1
-            if span.tool_status is ToolStatus.ERROR:
-                summary.tool_errors += 1
-        summary.cost_usd += cost
-        summary.first_seen = min(summary.first_seen, span.end_time)
-        summary.last_seen = max(summary.last_seen, span.end_time)
-
     def _record(self, summary: SessionSummary, decision: Decision) -> None:
         if isinstance(decision, KillCommand):
             self.counters.kills += 1
@@ -315,7 +311,7 @@ class EmbeddedRuntime:
         self._days_checked_at = horizon
         oldest = datetime.fromtimestamp(horizon - 2 * _DAY_SECONDS, UTC)
         cutoff = oldest.strftime("%Y-%m-%d")
-        stale = [key for key, day in self._user_days.items() if day.day < cutoff]
+        stale = [key for key in self._user_days if key[1] < cutoff]
         for key in stale:
             del self._user_days[key]
 
