@@ -42,6 +42,7 @@ _STATUS_CODE_ERROR = 2
 _SNIFF_BYTES = 4096
 _OTLP_JSON_START = re.compile(rb'\s*\{\s*"(?:resourceSpans|resource_spans)"')
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+_BINARY_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
 @dataclass(slots=True)
@@ -124,21 +125,23 @@ def decode_otlp(
 def sniff_encoding(data: bytes) -> FileEncoding:
     """Guess how span records are encoded from their first bytes.
 
+    JSON text never holds raw control characters other than tab, line feed
+    and carriage return, while protobuf tags and lengths are full of them.
+
     Args:
         data: the start of a file or a record (a few KiB are enough).
 
     Returns:
-        ``otlp_json`` when a JSON object opens with ``resourceSpans``,
-        ``native`` for any other text starting with ``{`` (or empty input),
-        ``otlp_proto`` otherwise.
+        ``otlp_proto`` when the bytes hold a control character, ``otlp_json``
+        when a JSON object opens with ``resourceSpans``, ``native`` otherwise
+        (text, or empty input).
     """
     head = data[:_SNIFF_BYTES].removeprefix(b"\xef\xbb\xbf")
+    if _BINARY_BYTE.search(head):
+        return "otlp_proto"
     if _OTLP_JSON_START.match(head):
         return "otlp_json"
-    stripped = head.lstrip()
-    if not stripped or stripped[:1] == b"{":
-        return "native"
-    return "otlp_proto"
+    return "native"
 
 
 def iter_file_spans(
@@ -209,24 +212,44 @@ def _iter_json_file(
 def _iter_proto_file(
     data: bytes, mapping: MappingConfig, skips: Counter[str] | None
 ) -> Iterator[SpanEvent | SpanValidationError]:
-    try:
-        ExportTraceServiceRequest.FromString(data)
-    except DecodeError:
-        records = _split_delimited(data)
-    else:
-        # Limitation: a length-prefixed file whose first record is exactly 10
-        # bytes long can also parse as one request and is then read as one.
-        records = [data]
-
+    records = _proto_records(data)
     if records is None:
         yield SpanValidationError(
             "file is neither one OTLP protobuf ExportTraceServiceRequest nor a "
             "sequence of length-prefixed ones; export it again as otlp_proto"
         )
         return
+
     for number, record in enumerate(records, start=1):
         where = f"record {number}: " if len(records) > 1 else ""
         yield from _batch_items(record, "otlp_proto", mapping, skips, where=where)
+
+
+def _proto_records(data: bytes) -> list[bytes] | None:
+    """Split a protobuf file into requests: one whole, or length-prefixed ones.
+
+    Protobuf skips unknown fields, so either reading can parse by accident;
+    the one that finds more spans is the file's real framing.
+    """
+    try:
+        single = _span_count(ExportTraceServiceRequest.FromString(data))
+    except DecodeError:
+        single = None
+    delimited = _split_delimited(data)
+
+    if delimited is None:
+        return None if single is None else [data]
+    if single is None or delimited[1] > single:
+        return delimited[0]
+    return [data]
+
+
+def _span_count(request: Any) -> int:
+    return sum(
+        len(scope_spans.spans)
+        for resource_spans in request.resource_spans
+        for scope_spans in resource_spans.scope_spans
+    )
 
 
 def _batch_items(
@@ -250,9 +273,13 @@ def _batch_items(
         yield SpanValidationError(f"{where}{error.reason}", error.field)
 
 
-def _split_delimited(data: bytes) -> list[bytes] | None:
-    """Split varint length-prefixed records; None unless all of data splits."""
+def _split_delimited(data: bytes) -> tuple[list[bytes], int] | None:
+    """Split varint length-prefixed requests and count their spans.
+
+    Returns None unless the whole of ``data`` splits into parseable requests.
+    """
     records: list[bytes] = []
+    spans = 0
     position = 0
     while position < len(data):
         length, position = _read_varint(data, position)
@@ -260,12 +287,12 @@ def _split_delimited(data: bytes) -> list[bytes] | None:
             return None
         record = data[position : position + length]
         try:
-            ExportTraceServiceRequest.FromString(record)
+            spans += _span_count(ExportTraceServiceRequest.FromString(record))
         except DecodeError:
             return None
         records.append(record)
         position += length
-    return records or None
+    return (records, spans) if records else None
 
 
 def _read_varint(data: bytes, position: int) -> tuple[int | None, int]:

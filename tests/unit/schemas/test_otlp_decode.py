@@ -14,6 +14,8 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
 )
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -354,7 +356,9 @@ def test_empty_protobuf_record_has_no_spans() -> None:
         (b'{"span_id": "a", "resourceSpans": 1}', "native"),
         (b"\n{}", "native"),
         (b"", "native"),
+        (b"not json at all", "native"),
         (b"\x0a\x10", "otlp_proto"),
+        (b'{\n\x12"resourceSpans"', "otlp_proto"),
     ],
 )
 def test_sniff_encoding(data: bytes, expected: str) -> None:
@@ -480,3 +484,36 @@ def test_skipped_result_type_is_counted_not_yielded(tmp_path: Path) -> None:
 
     assert list(iter_file_spans(path, skips=skips)) == []
     assert skips == Counter({Skipped(SKIP_NOT_GENAI).reason: 1})
+
+
+def small_request(name: str) -> bytes:
+    """Return a one-span request small enough for a one-byte length prefix."""
+    chat = KeyValue(key="llm.request.type", value=AnyValue(string_value="chat"))
+    span = Span(
+        trace_id=bytes(range(1, 17)),
+        span_id=bytes(range(1, 9)),
+        name=name,
+        start_time_unix_nano=1_714_564_800_000_000_000,
+        end_time_unix_nano=1_714_564_801_000_000_000,
+        attributes=[chat],
+    )
+    request = ExportTraceServiceRequest(
+        resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=[span])])]
+    )
+    payload: bytes = request.SerializeToString()
+    return payload
+
+
+@pytest.mark.parametrize("name_length", range(0, 44))
+def test_small_length_delimited_records_are_not_mistaken_for_one(
+    tmp_path: Path, name_length: int
+) -> None:
+    payload = small_request("x" * name_length)
+    path = tmp_path / "small.pbs"
+    path.write_bytes((varint(len(payload)) + payload) * 2)
+
+    results = list(iter_file_spans(path))
+
+    assert len(payload) < 128
+    assert len(results) == 2
+    assert all(isinstance(r, SpanEvent) for r in results)
