@@ -57,15 +57,25 @@ _SEVERITY = {
 }
 
 _SessionRule = Callable[[SessionState, Policy], Trip | None]
+_UserRule = Callable[[UserDayState, Policy], Trip | None]
 # Rules over session totals, checked after every counted span.
-_TOTAL_RULES: tuple[tuple[str, _SessionRule], ...] = (
-    ("step_budget", rules.step_budget),
-    ("tool_call_budget", rules.tool_call_budget),
-    ("token_budget", rules.token_budget),
-    ("session_cost_budget", rules.session_cost_budget),
-    ("burn_rate", rules.burn_rate),
-    ("recursion_depth", rules.recursion_depth),
+_TOTAL_RULES: tuple[tuple[int, _SessionRule], ...] = (
+    (RULE_BIT["step_budget"], rules.step_budget),
+    (RULE_BIT["tool_call_budget"], rules.tool_call_budget),
+    (RULE_BIT["token_budget"], rules.token_budget),
+    (RULE_BIT["session_cost_budget"], rules.session_cost_budget),
+    (RULE_BIT["burn_rate"], rules.burn_rate),
+    (RULE_BIT["recursion_depth"], rules.recursion_depth),
 )
+_USER_RULES: tuple[tuple[int, _UserRule], ...] = (
+    (RULE_BIT["user_daily_tokens"], rules.user_daily_tokens),
+    (RULE_BIT["user_daily_cost"], rules.user_daily_cost),
+)
+_TOOL_ERROR_RATE = RULE_BIT["tool_error_rate"]
+_LOOP_REPEAT_TOOL = RULE_BIT["loop_repeat_tool"]
+_LOOP_TOOL_CYCLE = RULE_BIT["loop_tool_cycle"]
+_LOOP_SIMILARITY = RULE_BIT["loop_similarity"]
+_UNKNOWN_MODEL = RULE_BIT["unknown_model"]
 
 
 @dataclass(slots=True)
@@ -189,14 +199,11 @@ class Detector:
         state.tokens += usage.tokens
         state.cost_nano += to_nano(usage.cost_usd)
         policy = self.policy.for_agent(usage.agent_name)
+        pending = policy.pending(state.killed, state.alerted)
         trips = [
             trip
-            for rule, check in (
-                ("user_daily_tokens", rules.user_daily_tokens),
-                ("user_daily_cost", rules.user_daily_cost),
-            )
-            if _pending(state.killed, state.alerted, policy, rule)
-            and (trip := check(state, policy)) is not None
+            for bit, check in _USER_RULES
+            if pending & bit and (trip := check(state, policy)) is not None
         ]
         decisions = [self._user_decision(state, usage, policy, t) for t in trips]
         return state, [decision for decision in decisions if decision is not None]
@@ -252,46 +259,42 @@ class Detector:
         policy: Policy,
         cost: CostBreakdown,
     ) -> list[Trip]:
-        killed = state.killed
-        alerted = state.alerted
+        pending = policy.pending(state.killed, state.alerted)
         trips = [
             trip
-            for rule, check in _TOTAL_RULES
-            if _pending(killed, alerted, policy, rule)
-            and (trip := check(state, policy)) is not None
+            for bit, check in _TOTAL_RULES
+            if pending & bit and (trip := check(state, policy)) is not None
         ]
 
         if span.kind is SpanKind.TOOL:
-            trips.extend(self._tool_trips(state, span, policy))
+            trips.extend(self._tool_trips(state, span, policy, pending))
         elif span.kind is SpanKind.LLM:
-            if not cost.priced and _pending(killed, alerted, policy, "unknown_model"):
+            if not cost.priced and pending & _UNKNOWN_MODEL:
                 trips.append(_unknown_model(span, state))
-            trip = self._output_trip(state, span, policy)
+            trip = self._output_trip(state, span, policy, pending)
             if trip is not None:
                 trips.append(trip)
         return trips
 
     def _tool_trips(
-        self, state: SessionState, span: SpanEvent, policy: Policy
+        self, state: SessionState, span: SpanEvent, policy: Policy, pending: int
     ) -> list[Trip]:
-        killed = state.killed
-        alerted = state.alerted
         rules.add_tool_status(state, span.tool_status is ToolStatus.ERROR)
         loops.add_tool_call(
             state, loops.tool_identity(span.tool_name, span.tool_args_hash)
         )
 
         found: list[Trip | None] = []
-        if _pending(killed, alerted, policy, "tool_error_rate"):
+        if pending & _TOOL_ERROR_RATE:
             found.append(rules.tool_error_rate(state, policy))
-        if _pending(killed, alerted, policy, "loop_repeat_tool"):
+        if pending & _LOOP_REPEAT_TOOL:
             found.append(loops.repeated_tool_call(state, policy, span.tool_name))
-        if _pending(killed, alerted, policy, "loop_tool_cycle"):
+        if pending & _LOOP_TOOL_CYCLE:
             found.append(loops.tool_cycle(state, policy))
         return [trip for trip in found if trip is not None]
 
     def _output_trip(
-        self, state: SessionState, span: SpanEvent, policy: Policy
+        self, state: SessionState, span: SpanEvent, policy: Policy, pending: int
     ) -> Trip | None:
         text = span.output_text
         code = self.embedder.encode(text, SKETCH_SIZE) if text else None
@@ -308,7 +311,7 @@ class Detector:
             return None
 
         trip = None
-        if _pending(state.killed, state.alerted, policy, "loop_similarity"):
+        if pending & _LOOP_SIMILARITY:
             trip = loops.similar_outputs(state, policy, kind, vector, sketch)
         loops.add_output(state, kind, vector, sketch, policy.loop_similar_window)
         return trip
@@ -430,15 +433,6 @@ class Detector:
             agent_name=usage.agent_name,
             evidence=trip.evidence,
         )
-
-
-def _pending(killed: int, alerted: int, policy: Policy, rule: str) -> bool:
-    """Whether a rule is enabled and has not yet fired with its action."""
-    rule_policy = policy.rules[rule]
-    if not rule_policy.enabled:
-        return False
-    fired = killed if rule_policy.action is Action.KILL else alerted
-    return not fired & RULE_BIT[rule]
 
 
 def _unknown_model(span: SpanEvent, state: SessionState) -> Trip:

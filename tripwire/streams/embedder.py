@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
-import re
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -19,36 +20,33 @@ TEXT_DIM = 256
 BIT_CODE_BITS = 2048
 MAX_TEXT_CHARS = 4000
 
-# Weights of the three feature groups: word unigrams, bigrams of content
-# words, and character 3-5 grams. A cosine of the combined vector is close to
-# the weighted mean of the per-group cosines, since signed hashing keeps the
-# groups nearly orthogonal.
-_GROUP_WEIGHTS = (1.0, 0.6, 0.8)
-# Per-word weight: content words count fully; function words, agent filler
-# ("again", "let me") and bare numbers (attempt counters) barely count.
-_CONTENT_WEIGHT = 1.0
-_STOP_WEIGHT = 0.15
-_NUMBER_WEIGHT = 0.15
+# Feature weights, in units of one character n-gram: a content word weighs
+# 12 (a word of six letters also yields about 12 n-grams of sizes 3 to 5),
+# a bigram of content words 7, and a function word, agent filler ("again",
+# "let me") or bare number (an attempt counter) 2.
+_WORD_UNITS = 12
+_BIGRAM_UNITS = 7
+_WEAK_UNITS = 2
 
-_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
+# Bytes that make up words: ASCII letters and digits, the apostrophe, and
+# every byte of a multi-byte UTF-8 character; anything else separates words.
+_WORD_BYTES = set(b"abcdefghijklmnopqrstuvwxyz0123456789'") | set(range(128, 256))
+_SEPARATE = bytes(b if b in _WORD_BYTES else 32 for b in range(256))
 _MASK64 = (1 << 64) - 1
-_BASE = 0x100000001B3
-_MIX = np.uint64(0x9E3779B97F4A7C15)
+_MIX_INT = 0x9E3779B97F4A7C15
+_MIX = np.uint64(_MIX_INT)
 _BIGRAM = np.uint64(0xC2B2AE3D27D4EB4F)
-_NGRAM_SALT = (np.uint64(0x165667B19E3779F9), np.uint64(0x27D4EB2F165667C5),
-               np.uint64(0x94D049BB133111EB))  # fmt: skip
-_SIGN_SHIFT = np.uint64(31)
-_SKETCH_SHIFT = np.uint64(48)
+_WORD_CACHE_SIZE = 16_384
 
 _STOPWORD_TEXT = """
     a about above after again against all also am an and another any are as at
     be been before being below between both but by can could did do does doing
-    done down during each few for from further had has have having he her here
+    done during each few for from further had has have having he her here
     hers him his how i i'd i'll i'm i've if in into is it it's its itself just
     let let's me more most my myself no nor not now of off on once one only or
     other our ours out over own same she should so some still such than that
     that's the their them then there these they this those through to too under
-    until up us very was we we'll were what when where which while who whom why
+    until us very was we we'll were what when where which while who whom why
     will with would you you'll your yours ok okay sure please alright right well
     going gonna try trying tried retry retrying attempt attempting again time
     times new next last first let's lets see think looks seems going again yes
@@ -62,9 +60,11 @@ class TextCode:
     """What the loop detector keeps of one output text.
 
     Attributes:
-        vector: the int8-quantised, L2-normalised embedding, ``TEXT_DIM`` bytes.
-        sketch: 16-bit hashes of the text's content words, ascending, at most
-            ``limit`` of them (the smallest, so two sketches stay comparable).
+        vector: the int8-quantised embedding, one byte per dimension, scaled
+            so its largest entry is +-127 (cosines do not depend on scale).
+        sketch: 16-bit hashes of the text's stemmed content words, ascending,
+            the smallest ``sketch_size`` of them, so that two sketches can be
+            compared below the smaller of their largest hashes.
     """
 
     vector: bytes
@@ -74,12 +74,20 @@ class TextCode:
 class TextEmbedder:
     """Hashed lexical embedding of short texts; no model, no vocabulary.
 
-    Features are word unigrams (function words and numbers down-weighted),
-    bigrams of content words and character 3-5 grams of the normalised text,
-    each hashed with a sign into ``dim`` buckets, sublinear in their count
-    (``sign(x) * log1p(|x|)``), L2-normalised per group, mixed with fixed
-    weights and normalised again. Everything is deterministic across
-    processes (no use of Python's salted ``hash``).
+    Words are lower-cased and lightly stemmed ("searching", "searched" and
+    "searches" are one word). Features are word unigrams (function words,
+    agent filler such as "again" or "let me", and bare numbers weigh 1/6 of
+    a content word), bigrams of consecutive content words (7/12), and
+    character 3-5 grams of the content words (1/12 each); each is hashed
+    with a sign into one of
+    ``dim`` buckets, and each bucket's net weight ``x`` becomes
+    ``sign(x) * log1p(|x|)`` (sublinear term frequency). Vectors are
+    L2-normalised. Everything is deterministic across processes (no use of
+    Python's salted ``hash``).
+
+    Args:
+        dim: buckets, a power of two.
+        max_chars: only the first ``max_chars`` characters of a text count.
     """
 
     def __init__(self, dim: int = TEXT_DIM, max_chars: int = MAX_TEXT_CHARS) -> None:
@@ -87,18 +95,18 @@ class TextEmbedder:
             raise ValueError(f"embedding dim must be a power of two >= 8, got {dim}")
         self.dim = dim
         self.max_chars = max_chars
-        self._shift = np.uint64(64 - dim.bit_length() + 1)
-        # Room for the padding spaces and multi-byte characters.
-        powers, inverses = _powers(4 * max_chars + 8)
-        self._powers = powers
-        self._inverses = inverses
+        self._slot_shift = 64 - dim.bit_length()
+        self._shift = np.uint64(self._slot_shift)
+        self._words: dict[bytes, _Word] = {}
 
-    def embed(self, text: str) -> npt.NDArray[np.float32] | None:
+    def embed(self, text: str) -> npt.NDArray[np.float64] | None:
         """Return the L2-normalised embedding of ``text``; None if it has no words."""
-        features = self._features(text)
-        if features is None:
+        found = self._embed(text)
+        if found is None:
             return None
-        return self._vector(*features)
+        vector = found[0]
+        norm = float(np.sqrt(vector @ vector))
+        return vector / norm if norm > 0 else vector
 
     def encode(self, text: str, sketch_size: int) -> TextCode | None:
         """Return the quantised embedding and content-word sketch of ``text``.
@@ -109,102 +117,120 @@ class TextEmbedder:
             sketch_size: how many content-word hashes to keep.
 
         Returns:
-            The code, or None when the text has no words.
+            The code, or None when the text has no words (or, against all
+            odds, every feature cancels out).
         """
-        features = self._features(text)
-        if features is None:
+        found = self._embed(text)
+        if found is None:
             return None
-        vector = self._vector(*features)
-        word_hashes, weights, _, _ = features
-        content = word_hashes[weights == _CONTENT_WEIGHT]
-        sketch = np.unique((content * _MIX) >> _SKETCH_SHIFT)[:sketch_size]
-        return TextCode(quantise(vector), tuple(int(v) for v in sketch))
+        vector, words = found
+        peak = float(np.abs(vector).max())
+        if peak == 0:
+            return None
+        quantised = np.rint(vector * (127 / peak)).astype(np.int8).tobytes()
+        sketch = sorted({word.sketch for word in words if word.content})
+        return TextCode(quantised, tuple(sketch[:sketch_size]))
 
-    def _features(
-        self, text: str
-    ) -> (
-        tuple[
-            npt.NDArray[np.uint64],
-            npt.NDArray[np.float64],
-            npt.NDArray[np.uint64],
-            npt.NDArray[np.float64],
-        ]
-        | None
-    ):
-        words = _WORD.findall(text[: self.max_chars].lower())
-        if not words:
+    def _embed(self, text: str) -> tuple[npt.NDArray[np.float64], list[_Word]] | None:
+        tokens = text[: self.max_chars].lower().encode("utf-8").translate(_SEPARATE)
+        raw = tokens.split()
+        if not raw:
             return None
 
-        weights = np.array(
-            [
-                _STOP_WEIGHT
-                if word in STOPWORDS
-                else _NUMBER_WEIGHT
-                if word.isdigit()
-                else _CONTENT_WEIGHT
-                for word in words
-            ]
+        lookup = self._words.get
+        words = [lookup(token) or self._learn(token) for token in raw]
+        size = 2 * self.dim
+        slots = np.frombuffer(b"".join([word.slots for word in words]), np.uint16)
+        counts = np.bincount(slots, minlength=size)
+        content = [word.hash for word in words if word.content]
+        if len(content) > 1:
+            hashes = np.array(content, np.uint64)
+            bigrams = (hashes[:-1] * _BIGRAM + hashes[1:]) * _MIX
+            pairs = (bigrams >> self._shift).astype(np.intp)
+            counts += _BIGRAM_UNITS * np.bincount(pairs, minlength=size)
+
+        # Slot 2b counts bucket b with a plus sign, slot 2b + 1 with a minus.
+        signed = counts.reshape(self.dim, 2)
+        net = (signed[:, 0] - signed[:, 1]) / _WORD_UNITS
+        vector: npt.NDArray[np.float64] = np.copysign(np.log1p(np.abs(net)), net)
+        return vector, words
+
+    def _learn(self, token: bytes) -> _Word:
+        text = token.decode("utf-8", "replace").strip("'")
+        content = not (text in STOPWORDS or text.isdigit())
+        if content:
+            text = stem(text)
+        stemmed = text.encode("utf-8") or b"'"
+        digest = hashlib.blake2b(stemmed, digest_size=8).digest()
+        hashed = int.from_bytes(digest, "little")
+
+        # Weights are whole units, so one bincount over repeated slots
+        # counts a text: a word's own slot repeats as often as it weighs.
+        units = _WORD_UNITS if content else _WEAK_UNITS
+        slots = [self._slot(hashed)] * units
+        if content:
+            slots.extend(self._slot(key) for key in _gram_keys(b" " + stemmed + b" "))
+        word = _Word(
+            content=content,
+            hash=hashed,
+            sketch=(hashed * _MIX_INT & _MASK64) >> 48,
+            slots=array("H", slots).tobytes(),
         )
-        data = np.frombuffer((" " + " ".join(words) + " ").encode("utf-8"), np.uint8)
-        size = data.size
-        prefix = np.zeros(size + 1, np.uint64)
-        np.cumsum(data * self._powers[:size], out=prefix[1:])
-        spaces = np.flatnonzero(data == 32)
-        starts = spaces[:-1] + 1
-        word_hashes = (prefix[spaces[1:]] - prefix[starts]) * self._inverses[starts]
+        if len(self._words) >= _WORD_CACHE_SIZE:
+            self._words.clear()
+        self._words[token] = word
+        return word
 
-        # Each byte takes the weight of the word it belongs to (a space, of
-        # the word after it); an n-gram takes the weight of its middle byte.
-        byte_word = np.cumsum(data == 32) - 1
-        byte_weight = weights[np.minimum(byte_word, len(words) - 1)]
-        grams: list[npt.NDArray[np.uint64]] = []
-        gram_weights: list[npt.NDArray[np.float64]] = []
-        for n, salt in zip((3, 4, 5), _NGRAM_SALT, strict=True):
-            count = size - n + 1
-            if count <= 0:
-                continue
-            head = np.arange(count)
-            hashes = (prefix[head + n] - prefix[head]) * self._inverses[:count]
-            grams.append(hashes ^ salt)
-            gram_weights.append(byte_weight[head + n // 2])
-        gram_hashes = np.concatenate(grams) if grams else np.zeros(0, np.uint64)
-        gram_weight = np.concatenate(gram_weights) if grams else np.zeros(0)
-        return word_hashes, weights, gram_hashes, gram_weight
+    def _slot(self, key: int) -> int:
+        """Return ``2 * bucket + sign`` of a 64-bit feature key."""
+        return (key * _MIX_INT & _MASK64) >> self._slot_shift
 
-    def _vector(
-        self,
-        word_hashes: npt.NDArray[np.uint64],
-        weights: npt.NDArray[np.float64],
-        gram_hashes: npt.NDArray[np.uint64],
-        gram_weight: npt.NDArray[np.float64],
-    ) -> npt.NDArray[np.float32]:
-        content = word_hashes[weights == _CONTENT_WEIGHT]
-        bigrams = content[:-1] * _BIGRAM + content[1:]
-        groups = (
-            self._hashed(word_hashes, weights),
-            self._hashed(bigrams, np.ones(bigrams.size)),
-            self._hashed(gram_hashes, gram_weight),
-        )
-        total = np.zeros(self.dim)
-        for group, weight in zip(groups, _GROUP_WEIGHTS, strict=True):
-            norm = float(np.sqrt(group @ group))
-            if norm > 0:
-                total += group * (weight / norm)
-        norm = float(np.sqrt(total @ total))
-        if norm > 0:
-            total /= norm
-        return total.astype(np.float32)
 
-    def _hashed(
-        self, hashes: npt.NDArray[np.uint64], weights: npt.NDArray[np.float64]
-    ) -> npt.NDArray[np.float64]:
-        if hashes.size == 0:
-            return np.zeros(self.dim)
-        mixed = hashes * _MIX
-        buckets = (mixed >> self._shift).astype(np.intp)
-        signs = ((mixed >> _SIGN_SHIFT) & np.uint64(1)).astype(np.float64) * 2 - 1
-        counts = np.bincount(buckets, weights=signs * weights, minlength=self.dim)
-        return np.sign(counts) * np.log1p(np.abs(counts))
+@dataclass(frozen=True, slots=True)
+class _Word:
+    """What the embedder caches of a word: its features, ready to count.
+
+    ``slots`` are the word's feature slots (``2 * bucket + sign``) packed as
+    native uint16, each repeated as many times as it weighs, so a text's
+    slots are one ``bytes.join`` away.
+    """
+
+    content: bool
+    hash: int
+    sketch: int
+    slots: bytes
+
+
+def stem(word: str) -> str:
+    """Return a crude English stem: plural, past and gerund endings removed.
+
+    Enough for "searching", "searched" and "searches" (and "verified",
+    "verifying") to meet; not a linguistic stemmer.
+    """
+    word = word.removesuffix("'s")
+    if len(word) > 4 and word.endswith(("ies", "ied")):
+        return word[:-3] + "y"
+    if len(word) > 5 and word.endswith("ing"):
+        word = word[:-3]
+    elif len(word) > 4 and word.endswith(("ed", "ches", "shes", "sses", "xes", "zes")):
+        word = word[:-2]
+    elif len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        word = word[:-1]
+    if len(word) > 3 and word[-1] == word[-2] and word[-1] not in "lsz":
+        word = word[:-1]
+    if len(word) > 4 and word.endswith("e"):
+        word = word[:-1]
+    return word
+
+
+def _gram_keys(padded: bytes) -> list[int]:
+    """Return a distinct 64-bit key for each 3-, 4- and 5-gram of ``padded``."""
+    keys = []
+    for size in (3, 4, 5):
+        for start in range(len(padded) - size + 1):
+            gram = int.from_bytes(padded[start : start + size], "little")
+            keys.append(gram << 3 | size)
+    return keys
 
 
 def quantise(vector: npt.NDArray[np.floating[Any]]) -> bytes:
@@ -216,14 +242,20 @@ def quantise(vector: npt.NDArray[np.floating[Any]]) -> bytes:
 
 
 def int8_cosines(stored: bytes | bytearray, newest: bytes) -> npt.NDArray[np.float64]:
-    """Return the cosine of ``newest`` with each int8 vector packed in ``stored``."""
-    new = np.frombuffer(newest, np.int8).astype(np.int32)
-    rows = np.frombuffer(stored, np.int8).reshape(-1, new.size).astype(np.int32)
-    dots = rows @ new
-    norms = np.sqrt((rows * rows).sum(axis=1) * float(new @ new))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cosines = np.where(norms > 0, dots / norms, 0.0)
-    return np.asarray(cosines, np.float64)
+    """Return the cosine of ``newest`` with each int8 vector packed in ``stored``.
+
+    An all-zero vector (which :class:`TextEmbedder` never produces) has
+    cosine 0 with everything.
+    """
+    matrix = np.frombuffer(bytes(stored) + newest, np.int8).astype(np.float64)
+    matrix = matrix.reshape(-1, len(newest))
+    dots = matrix @ matrix[-1]
+    squares = np.einsum("ij,ij->i", matrix, matrix)
+    # The 1.0 keeps a zero vector's cosine at 0; int8 norms are >= 127.
+    cosines: npt.NDArray[np.float64] = dots[:-1] / np.sqrt(
+        squares[:-1] * dots[-1] + 1.0
+    )
+    return cosines
 
 
 def bit_code(embedding: Sequence[float]) -> bytes | None:
@@ -291,18 +323,3 @@ def _splitmix(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return z ^ (z >> np.uint64(31))
-
-
-@cache
-def _powers(size: int) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
-    inverse = pow(_BASE, -1, 1 << 64)
-    powers = np.empty(size, np.uint64)
-    inverses = np.empty(size, np.uint64)
-    power = 1
-    back = 1
-    for index in range(size):
-        powers[index] = power
-        inverses[index] = back
-        power = power * _BASE & _MASK64
-        back = back * inverse & _MASK64
-    return powers, inverses

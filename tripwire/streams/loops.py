@@ -170,24 +170,36 @@ def similar_outputs(
     Returns:
         The trip with the scores as evidence, or None.
     """
-    previous = _previous(state.outputs, kind, policy.loop_similar_window)
-    if len(previous) < policy.loop_similar_min:
+    outputs = state.outputs
+    count = len(outputs) // OUTPUT_SLOT_BYTES
+    starts = [
+        start
+        for start in range(
+            max(0, count - policy.loop_similar_window) * OUTPUT_SLOT_BYTES,
+            len(outputs),
+            OUTPUT_SLOT_BYTES,
+        )
+        if outputs[start] == kind
+    ]
+    if len(starts) < policy.loop_similar_min:
         return None
 
-    stored = b"".join(slot[_VECTOR_START:] for slot in previous)
+    stored = b"".join(
+        [outputs[start + _VECTOR_START : start + OUTPUT_SLOT_BYTES] for start in starts]
+    )
     if kind == OUTPUT_KIND_TEXT:
         threshold = policy.loop_similarity_text
-        scores = int8_cosines(stored, vector)
+        scores: list[float] = int8_cosines(stored, vector).tolist()
     else:
         threshold = policy.loop_similarity_vector
-        scores = bit_cosines(stored, vector)
+        scores = bit_cosines(stored, vector).tolist()
 
     matches = 0
     swapped = 0
-    for slot, score in zip(previous, scores, strict=True):
+    for start, score in zip(starts, scores, strict=True):
         if score < threshold:
             continue
-        if substituted(_sketch(slot), sketch):
+        if substituted(_sketch(outputs, start), sketch):
             swapped += 1
             continue
         matches += 1
@@ -196,12 +208,12 @@ def similar_outputs(
 
     return Trip(
         "loop_similarity",
-        f"the newest LLM output matches {matches} of the previous {len(previous)} "
+        f"the newest LLM output matches {matches} of the previous {len(starts)} "
         f"(cosine >= {threshold:g})",
         {
             "matches": matches,
-            "compared": len(previous),
-            "scores": [round(float(score), 4) for score in scores],
+            "compared": len(starts),
+            "scores": [round(score, 4) for score in scores],
             "threshold": threshold,
             "min_matches": policy.loop_similar_min,
             "swapped_words": swapped,
@@ -232,13 +244,6 @@ def add_output(
     outputs += slot
 
 
-def _previous(outputs: bytearray, kind: int, window: int) -> list[bytes]:
-    slots = [
-        bytes(outputs[start : start + OUTPUT_SLOT_BYTES])
-        for start in range(0, len(outputs), OUTPUT_SLOT_BYTES)
-    ]
-    return [slot for slot in slots[-window:] if slot[0] == kind]
-
-
-def _sketch(slot: bytes) -> tuple[int, ...]:
-    return _SKETCH.unpack_from(slot, _SKETCH_START)[: slot[1]]
+def _sketch(outputs: bytearray, start: int) -> tuple[int, ...]:
+    words: tuple[int, ...] = _SKETCH.unpack_from(outputs, start + _SKETCH_START)
+    return words[: outputs[start + 1]]

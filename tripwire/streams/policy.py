@@ -141,7 +141,7 @@ class Policy:
     tool_error_min_errors: int = 5
     tool_error_rate: float = 0.5
     tool_error_window: int = 10
-    loop_similarity_text: float = 0.80
+    loop_similarity_text: float = 0.70
     loop_similarity_vector: float = 0.92
     loop_similar_min: int = 3
     loop_similar_window: int = 5
@@ -156,9 +156,32 @@ class Policy:
     _per_agent: dict[str, Policy] = field(
         default_factory=dict, compare=False, repr=False
     )
+    kill_mask: int = field(init=False, compare=False, repr=False, default=0)
+    alert_mask: int = field(init=False, compare=False, repr=False, default=0)
 
     def __post_init__(self) -> None:
         _check_consistency(self, "policy")
+        kill_mask = 0
+        alert_mask = 0
+        for rule, rule_policy in self.rules.items():
+            if not rule_policy.enabled:
+                continue
+            if rule_policy.action is Action.KILL:
+                kill_mask |= RULE_BIT[rule]
+            else:
+                alert_mask |= RULE_BIT[rule]
+        # Frozen, but these two are derived from the fields just checked.
+        object.__setattr__(self, "kill_mask", kill_mask)
+        object.__setattr__(self, "alert_mask", alert_mask)
+
+    def pending(self, killed: int, alerted: int) -> int:
+        """Return the bits of the enabled rules that have not fired yet.
+
+        Args:
+            killed: bits of the rules that already issued their kill.
+            alerted: bits of the rules that already raised their alert.
+        """
+        return (self.kill_mask & ~killed) | (self.alert_mask & ~alerted)
 
     def rule(self, name: str) -> RulePolicy:
         """Return the action of one rule.

@@ -123,7 +123,7 @@ class PriceBook:
             except OSError as exc:
                 raise PricingError(
                     f"cannot read price override file {str(path)!r}: {exc}; "
-                    "fix the path given to the price book (TRIPWIRE_PRICES_FILE)"
+                    "fix the path or remove the setting to use the shipped prices"
                 ) from exc
             kind = "toml" if path.suffix.lower() == ".toml" else "json"
             doc = _parse(text, str(path), kind)

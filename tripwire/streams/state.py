@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import struct
+import sys
 from array import array
 
 from tripwire.errors import TripwireError
@@ -193,8 +194,8 @@ class SessionState:
             _pack_str(self.user_id),
             _pack_str(self.agent_name),
             _pack_blob(self.seen),
-            _pack_blob(self.burn.tobytes()),
-            _pack_blob(self.tools.tobytes()),
+            _pack_blob(_little(self.burn)),
+            _pack_blob(_little(self.tools)),
             _pack_blob(self.outputs),
             _pack_blob(self.links),
         ]
@@ -241,8 +242,8 @@ class SessionState:
                 "drop the entry so the session restarts from empty"
             ) from exc
         state.seen = bytearray(seen)
-        state.burn.frombytes(burn)
-        state.tools.frombytes(tools)
+        state.burn = _from_little("q", burn)
+        state.tools = _from_little("Q", tools)
         state.outputs = bytearray(outputs)
         state.links = bytearray(links)
         return state
@@ -356,6 +357,27 @@ def _check_version(data: bytes, what: str) -> None:
             f"{what} state has format version {data[0]}, this build reads version "
             f"{STATE_VERSION}; run a matching build or drop the table"
         )
+
+
+def _little(values: array[int]) -> bytes:
+    if sys.byteorder == "little":
+        return values.tobytes()
+    swapped = array(values.typecode, values)
+    swapped.byteswap()
+    return swapped.tobytes()
+
+
+def _from_little(typecode: str, data: bytes) -> array[int]:
+    values = array(typecode)
+    if len(data) % values.itemsize:
+        raise StateDecodeError(
+            f"state window of {len(data)} bytes is not a whole number of "
+            f"{values.itemsize}-byte entries; drop the entry"
+        )
+    values.frombytes(data)
+    if sys.byteorder != "little":
+        values.byteswap()
+    return values
 
 
 def _pack_str(value: str | None) -> bytes:
