@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +39,13 @@ SPANS_TOPIC = "tripwire.spans"
 _RECONNECT_SECONDS = 2.0
 # Seconds between two warnings about dropped spans.
 _DROP_WARNING_SECONDS = 30.0
+
+
+def _call_if_alive(method: weakref.WeakMethod[Callable[[], None]]) -> None:
+    """Call a weakly referenced method unless its object is gone."""
+    bound = method()
+    if bound is not None:
+        bound()
 
 
 def _first(name: str | None, defaults: Sequence[str]) -> tuple[str, ...]:
@@ -192,13 +201,12 @@ class KafkaSpanExporter(SpanExporter):
         self._unsent_drops = 0
         self._last_drop_warning = 0.0
 
-        self._loop = asyncio.new_event_loop()
-        self._wake = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._thread = threading.Thread(
-            target=self._run, name="tripwire-span-exporter", daemon=True
-        )
-        self._thread.start()
+        self._start_sender()
+        # A forked child (a pre-forking web server) inherits no threads: it
+        # gets a sender of its own, and the parent's queued spans stay with
+        # the parent.
+        restart = weakref.WeakMethod(self._restart_in_child)
+        os.register_at_fork(after_in_child=lambda: _call_if_alive(restart))
 
     @property
     def exported(self) -> int:
@@ -322,6 +330,25 @@ class KafkaSpanExporter(SpanExporter):
             self._failed,
             self._skipped,
         )
+
+    def _start_sender(self) -> None:
+        """Create the sender's event loop and start its thread."""
+        self._loop = asyncio.new_event_loop()
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="tripwire-span-exporter", daemon=True
+        )
+        self._thread.start()
+
+    def _restart_in_child(self) -> None:
+        """Start afresh in a forked child process."""
+        self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        self._pending.clear()
+        self._in_flight = 0
+        if not self._closed:
+            self._start_sender()
 
     def _encode(self, spans: Sequence[ReadableSpan]) -> tuple[list[_Record], int, int]:
         """Convert and encode spans; return records, skipped and failed counts."""

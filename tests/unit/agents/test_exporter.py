@@ -1,5 +1,6 @@
 """The Kafka span exporter's conversion, queueing and dropping, with no broker."""
 
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -230,3 +231,23 @@ def test_bad_settings_are_rejected(options, problem):
     arguments = {"bootstrap_servers": "127.0.0.1:9092", **options}
     with pytest.raises(ConfigError, match=problem):
         KafkaSpanExporter(**arguments)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_gets_a_sender_of_its_own(finished, unreachable):
+    provider, memory = finished
+    unreachable.export(_llm_spans(provider, memory, count=2))
+    spans = _llm_spans(provider, memory, count=1)
+
+    pid = os.fork()
+    if pid == 0:
+        # In the child: a live sender, an empty queue, and export still works.
+        alive = unreachable._thread.is_alive()
+        queued_before = unreachable.stats().queued
+        unreachable.export(spans)
+        queued_after = unreachable.stats().queued
+        os._exit(0 if (alive, queued_before, queued_after) == (True, 0, 1) else 1)
+
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert unreachable.stats().queued == 2
