@@ -582,10 +582,12 @@ async def test_restart_restores_state_and_never_repeats_a_kill(
     second_half = _spans_records(_llm_span(session, i, 0.45) for i in range(6, 8))
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     await producer.start()
-    first = await asyncio.to_thread(
-        _launch, kafka_bootstrap, redis_url, prefix, tmp_path, store
-    )
+    workers: list[Worker] = []
     try:
+        first = await asyncio.to_thread(
+            _launch, kafka_bootstrap, redis_url, prefix, tmp_path, store
+        )
+        workers.append(first)
         await _produce(producer, first.topics["spans"], first_half)
         assert await _wait_for(lambda: (first.session(session) or {}).get("spans") == 6)
         before = first.session(session)
@@ -595,16 +597,15 @@ async def test_restart_restores_state_and_never_repeats_a_kill(
         second = await asyncio.to_thread(
             _launch, kafka_bootstrap, redis_url, prefix, tmp_path, store
         )
-        try:
-            assert second.session(session) == before
-            # The first half again (a redelivery), then two new spans.
-            await _produce(producer, second.topics["spans"], first_half + second_half)
-            assert await _wait_for(
-                lambda: (second.session(session) or {}).get("spans") == 8
-            )
-            samples = second.metrics()
-        finally:
-            await asyncio.to_thread(_stop, second.process)
+        workers.append(second)
+        assert second.session(session) == before
+        # The first half again (a redelivery), then two new spans.
+        await _produce(producer, second.topics["spans"], first_half + second_half)
+        assert await _wait_for(
+            lambda: (second.session(session) or {}).get("spans") == 8
+        )
+        samples = second.metrics()
+        await asyncio.to_thread(_stop, second.process)
         assert second.process.returncode == 0, second.log_tail()
 
         kills = await _consume_until(
@@ -621,6 +622,8 @@ async def test_restart_restores_state_and_never_repeats_a_kill(
         )
         assert _metric(samples, "tripwire_spans_total", outcome="duplicate") == 6
     finally:
+        for running in workers:
+            await asyncio.to_thread(_stop, running.process)
         await producer.stop()
         await _delete_topics(kafka_bootstrap, prefix)
         _delete_keys(redis_url, f"{prefix}:*")
@@ -633,15 +636,20 @@ async def test_idle_sessions_are_evicted_by_event_time(
     old, new = f"idle-old-{uuid.uuid4().hex[:6]}", f"idle-new-{uuid.uuid4().hex[:6]}"
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     await producer.start()
-    worker = await asyncio.to_thread(
-        _launch,
-        kafka_bootstrap,
-        redis_url,
-        prefix,
-        tmp_path,
-        TRIPWIRE_SESSION_IDLE_SECONDS="600",
-        TRIPWIRE_SWEEP_INTERVAL_SECONDS="0.1",
-    )
+    try:
+        worker = await asyncio.to_thread(
+            _launch,
+            kafka_bootstrap,
+            redis_url,
+            prefix,
+            tmp_path,
+            TRIPWIRE_SESSION_IDLE_SECONDS="600",
+            TRIPWIRE_SWEEP_INTERVAL_SECONDS="0.1",
+        )
+    except BaseException:
+        await producer.stop()
+        await _delete_topics(kafka_bootstrap, prefix)
+        raise
     try:
         await _produce(
             producer, worker.topics["spans"], _spans_records([_llm_span(old, 0, 0.1)])
