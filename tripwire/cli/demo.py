@@ -48,6 +48,8 @@ Decision = KillCommand | Alert
 _LIVE_SECONDS = 4.0
 # With --broker, the run is fitted into about this many seconds by default.
 _BROKER_SECONDS = 15.0
+# How long the decision topics may take to be assigned, in seconds.
+_ASSIGN_TIMEOUT_S = 15.0
 # The live view is redrawn at most this often, in seconds.
 _REDRAW_INTERVAL_S = 0.1
 
@@ -296,15 +298,20 @@ async def play_on_broker(
     speed = speed or max(fleet.duration_s / _BROKER_SECONDS, 1.0)
     servers = settings.bootstrap_servers
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=servers, group_id=None, enable_auto_commit=False
+        bootstrap_servers=servers,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="latest",
     )
     producer = AIOKafkaProducer(bootstrap_servers=servers, linger_ms=5)
     try:
         await consumer.start()
         await producer.start()
         await _assign_at_end(consumer, (topics.killswitch, topics.alerts))
-    except KafkaError as exc:
+    except BaseException as exc:
         await _stop(consumer, producer)
+        if not isinstance(exc, KafkaError):
+            raise
         raise TripwireError(
             f"cannot use the Kafka broker at {servers}: {exc}; start it "
             "(scripts/services start) and a worker (tripwire worker), or drop --broker"
@@ -331,24 +338,26 @@ async def play_on_broker(
 
 
 async def _assign_at_end(consumer: AIOKafkaConsumer, names: Iterable[str]) -> None:
-    from aiokafka import TopicPartition
-
-    partitions = []
-    for name in names:
-        numbers = consumer.partitions_for_topic(name)
-        if not numbers:
-            await consumer.topics()
-            numbers = consumer.partitions_for_topic(name)
-        if not numbers:
+    """Read ``names`` from their current ends, once the positions are known."""
+    wanted = set(names)
+    missing = sorted(wanted - await consumer.topics())
+    if missing:
+        raise TripwireError(
+            f"topic(s) {missing} do not exist on the broker: start a worker "
+            "(tripwire worker), which creates its topics, then run the demo"
+        )
+    consumer.subscribe(topics=sorted(wanted))
+    deadline = time.monotonic() + _ASSIGN_TIMEOUT_S
+    while {tp.topic for tp in consumer.assignment()} != wanted:
+        if time.monotonic() > deadline:
             raise TripwireError(
-                f"topic {name!r} does not exist on the broker: start a worker "
-                "(tripwire worker), which creates its topics, then run the demo"
+                f"no partitions of {sorted(wanted)} were assigned within "
+                f"{_ASSIGN_TIMEOUT_S:.0f} s; check the broker is healthy"
             )
-        partitions += [TopicPartition(name, number) for number in sorted(numbers)]
-    consumer.assign(partitions)
-    await consumer.seek_to_end(*partitions)
-    # Resolve the end offsets now, so no decision of this run is missed.
-    for partition in partitions:
+        await asyncio.sleep(0.05)
+    # Resolve every position now (to the end: auto_offset_reset is latest),
+    # so that no decision of this run comes before it and is missed.
+    for partition in consumer.assignment():
         await consumer.position(partition)
 
 
@@ -498,10 +507,15 @@ class View:
                 f"truth: {truth}"
             )
         if decision.scope is Scope.USER:
-            stopped = f"stops {len(changed)} running session(s)"
+            users = [
+                score
+                for score in self.board.scores.values()
+                if score.session.user_id == decision.target
+            ]
             return (
                 f"{self.clock()}  KILL   user {decision.target:<17} "
-                f"{decision.reason:<24} {stopped}, truth: {_truths(changed) or '-'}"
+                f"{decision.reason:<24} stops {len(changed)} running session(s), "
+                f"truth: {_truths(users) or '-'}"
             )
         if not changed:
             return (
