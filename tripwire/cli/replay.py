@@ -41,7 +41,7 @@ examples:
   tripwire replay spans.jsonl
   tripwire replay day1.jsonl day2.jsonl -o decisions.jsonl --summary json
   cat spans.jsonl | tripwire replay - --quiet
-  tripwire replay spans.jsonl --set session_budget_usd=2 --set max_steps=40
+  tripwire replay spans.jsonl --set session_budget_usd=0.5 --set step_budget=40
 
 Decisions (kill commands and alerts) are written as JSON lines to stdout or
 --output; the summary, progress and warnings go to stderr. Run with
