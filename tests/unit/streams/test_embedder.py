@@ -1,0 +1,179 @@
+"""Text embedder and the compact codes of span-carried embeddings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tripwire.streams.embedder import (
+    BIT_CODE_BITS,
+    TEXT_DIM,
+    TextEmbedder,
+    bit_code,
+    bit_cosines,
+    int8_cosines,
+    stem,
+)
+
+
+def test_embedding_is_unit_length_and_deterministic() -> None:
+    text = "Let me search the quarterly report for the Q3 revenue figure."
+
+    first = TextEmbedder().embed(text)
+    second = TextEmbedder().embed(text)
+
+    assert first is not None
+    assert second is not None
+    assert first.shape == (TEXT_DIM,)
+    assert float(np.linalg.norm(first)) == pytest.approx(1.0)
+    assert np.array_equal(first, second)
+
+
+@pytest.mark.parametrize("text", ["", "   ", "!!! --- ???", "\n\t"])
+def test_texts_without_words_have_no_embedding(text: str) -> None:
+    embedder = TextEmbedder()
+
+    assert embedder.embed(text) is None
+    assert embedder.encode(text, 16) is None
+
+
+def test_code_is_quantised_and_keeps_the_cosine() -> None:
+    embedder = TextEmbedder()
+    first = "I'll search the report again for the Q3 figure."
+    second = "Let me search the report once more to find the Q3 figure."
+    one = embedder.embed(first)
+    two = embedder.embed(second)
+    assert one is not None
+    assert two is not None
+
+    code_one = embedder.encode(first, 16)
+    code_two = embedder.encode(second, 16)
+    assert code_one is not None
+    assert code_two is not None
+
+    assert len(code_one.vector) == TEXT_DIM
+    exact = float(one @ two)
+    quantised = float(int8_cosines(code_one.vector, code_two.vector)[0])
+    assert quantised == pytest.approx(exact, abs=0.01)
+
+
+def test_sketch_holds_sorted_content_words_only() -> None:
+    code = TextEmbedder().encode("The the and deploy deploying staging 42 again", 16)
+
+    assert code is not None
+    # "deploy" and "deploying" share a stem; "the", "and", "again", "42" are weak.
+    assert len(code.sketch) == 2
+    assert list(code.sketch) == sorted(code.sketch)
+    assert TextEmbedder().encode("one two three four five six", 3) is not None
+
+
+def test_sketch_is_capped_at_the_smallest_hashes() -> None:
+    words = " ".join(f"word{chr(97 + i)}x" for i in range(26))
+    full = TextEmbedder().encode(words, 64)
+    capped = TextEmbedder().encode(words, 5)
+
+    assert full is not None
+    assert capped is not None
+    assert capped.sketch == full.sketch[:5]
+
+
+@pytest.mark.parametrize(
+    ("word", "expected"),
+    [
+        ("searching", "search"),
+        ("searched", "search"),
+        ("searches", "search"),
+        ("verified", "verify"),
+        ("verifying", "verify"),
+        ("files", "file"),
+        ("stopped", "stop"),
+        ("missing", "miss"),
+        ("customer's", "customer"),
+        ("status", "status"),
+        ("updated", "updat"),
+        ("update", "updat"),
+    ],
+)
+def test_stem(word: str, expected: str) -> None:
+    assert stem(word) == expected
+
+
+def test_function_words_barely_move_the_embedding() -> None:
+    embedder = TextEmbedder()
+    base = embedder.embed("search the report for the revenue figure")
+    filler = embedder.embed("let me search the report again for the revenue figure")
+    content = embedder.embed("search the contract for the renewal date")
+    assert base is not None
+    assert filler is not None
+    assert content is not None
+
+    assert float(base @ filler) > 0.9
+    assert float(base @ content) < 0.6
+
+
+def _pair_with_cosine(
+    rng: np.random.Generator, dim: int, cosine: float
+) -> tuple[np.ndarray, np.ndarray]:
+    first = rng.normal(size=dim)
+    first /= np.linalg.norm(first)
+    noise = rng.normal(size=dim)
+    noise -= (noise @ first) * first
+    noise /= np.linalg.norm(noise)
+    second = cosine * first + np.sqrt(1 - cosine**2) * noise
+    return first, second
+
+
+@pytest.mark.parametrize("dim", [256, 384, 1536, 3072])
+@pytest.mark.parametrize("cosine", [0.98, 0.92, 0.80, 0.0])
+def test_bit_codes_estimate_the_cosine(dim: int, cosine: float) -> None:
+    rng = np.random.default_rng(dim)
+    errors = []
+    for _ in range(20):
+        first, second = _pair_with_cosine(rng, dim, cosine)
+        code_one = bit_code(first.tolist())
+        code_two = bit_code(second.tolist())
+        assert code_one is not None
+        assert code_two is not None
+        assert len(code_one) == BIT_CODE_BITS // 8
+        errors.append(float(bit_cosines(code_one, code_two)[0]) - cosine)
+
+    # With 2048 random hyperplanes the angle's share p = angle / pi is read
+    # with standard error sqrt(p (1 - p) / 2048): 0.009 in cosine at 0.92.
+    angle = np.arccos(cosine)
+    share = angle / np.pi
+    spread = np.sin(angle) * np.pi * np.sqrt(share * (1 - share) / BIT_CODE_BITS)
+    assert abs(float(np.mean(errors))) < 2 * spread + 0.002
+    assert float(np.max(np.abs(errors))) < 4 * spread + 0.002
+
+
+def test_bit_codes_are_deterministic_and_scale_free() -> None:
+    vector = np.random.default_rng(3).normal(size=768)
+
+    assert bit_code(vector.tolist()) == bit_code((vector * 7.5).tolist())
+    code = bit_code(vector.tolist())
+    assert code is not None
+    assert float(bit_cosines(code, code)[0]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "vector", [[], [0.0, 0.0, 0.0], [1.0, float("nan")], [float("inf"), 1.0]]
+)
+def test_bit_code_refuses_degenerate_vectors(vector: list[float]) -> None:
+    assert bit_code(vector) is None
+
+
+def test_cosines_against_several_stored_vectors() -> None:
+    embedder = TextEmbedder()
+    texts = ["deploy the build", "deploy the build now", "bake a cake"]
+    codes = [embedder.encode(text, 16) for text in texts]
+    assert all(code is not None for code in codes)
+    stored = b"".join(code.vector for code in codes if code is not None)
+    newest = codes[0]
+    assert newest is not None
+
+    scores = int8_cosines(stored, newest.vector)
+
+    assert scores.shape == (3,)
+    assert scores[0] == pytest.approx(1.0, abs=1e-6)
+    assert scores[1] > scores[2]
+    assert int8_cosines(bytes(TEXT_DIM), newest.vector)[0] == 0.0
