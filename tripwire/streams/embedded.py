@@ -51,8 +51,8 @@ class SessionSummary:
         user_kill_reasons: reasons of the user kill commands its spans
             triggered (its user went over a daily cap), in order.
         alert_rules: rules of the alerts its spans triggered, in order.
-        evicted: its state was dropped after it went idle (see
-            ``EmbeddedRuntime``); its figures stop there.
+        evicted: its state was dropped once it went idle (see
+            ``EmbeddedRuntime``); if it came back, its budgets restarted.
     """
 
     session_id: str
@@ -216,6 +216,10 @@ class EmbeddedRuntime:
         if outcome.duplicate or cost is None:
             counters.duplicates += 1
         else:
+            if summary.agent_name is None:
+                summary.agent_name = span.agent_name
+            if summary.user_id is None:
+                summary.user_id = span.user_id
             kind = span.kind
             if kind is SpanKind.LLM:
                 summary.llm_calls += 1
