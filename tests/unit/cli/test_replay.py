@@ -186,3 +186,44 @@ def test_no_file_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["replay"]) == 1
 
     assert "no span file" in capsys.readouterr().err
+
+
+def test_otlp_protobuf_file_is_replayed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+        InMemorySpanExporter,
+    )
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("tripwire.tests")
+    for _ in range(5):
+        attributes = {
+            "gen_ai.conversation.id": "otlp-session",
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": "openai",
+            "gen_ai.request.model": "gpt-4o-mini",
+            "gen_ai.usage.input_tokens": 900,
+            "gen_ai.usage.output_tokens": 60,
+        }
+        with tracer.start_as_current_span("chat gpt-4o-mini", attributes=attributes):
+            pass
+    path = tmp_path / "export.pb"
+    path.write_bytes(encode_spans(exporter.get_finished_spans()).SerializeToString())
+
+    decisions = _replay(
+        tmp_path, str(path), "--set", "step_budget=3", "--summary", "json"
+    )
+    summary = _summary(capsys)
+
+    assert summary["spans"] == 5
+    assert summary["sessions"][0]["session_id"] == "otlp-session"
+    assert summary["sessions"][0]["llm_calls"] == 5
+    assert [(r["target"], r["reason"]) for r in decisions] == [
+        ("otlp-session", "step_budget")
+    ]
