@@ -28,8 +28,8 @@ OUTPUT_SLOT_BYTES = 2 + 2 * SKETCH_SIZE + OUTPUT_VECTOR_BYTES
 OUTPUT_KIND_TEXT = 1
 OUTPUT_KIND_BITS = 2
 
-# One agent-span link for computing recursion depth: id, parent id, height.
-LINK_BYTES = 2 * ID_BYTES + 1
+# One span link for computing recursion depth: id, parent id, height, agent flag.
+LINK_BYTES = 2 * ID_BYTES + 2
 LINK_CAPACITY = 16
 NO_PARENT = b"\x00" * ID_BYTES
 
