@@ -237,11 +237,10 @@ def add_output(
     sketch = sketch[:SKETCH_SIZE]
     padded = (*sketch, *([0] * (SKETCH_SIZE - len(sketch))))
     slot = bytes((kind, len(sketch))) + _SKETCH.pack(*padded) + vector
+    # Exact-size copies: a live state carries no allocator slack.
     outputs = state.outputs
     excess = len(outputs) + OUTPUT_SLOT_BYTES - capacity * OUTPUT_SLOT_BYTES
-    if excess > 0:
-        del outputs[:excess]
-    outputs += slot
+    state.outputs = (outputs[excess:] if excess > 0 else outputs) + slot
 
 
 def _sketch(outputs: bytearray, start: int) -> tuple[int, ...]:

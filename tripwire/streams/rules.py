@@ -226,9 +226,9 @@ def link_depth(state: SessionState, key: bytes, parent: bytes, agent: bool) -> i
     height = min(below + int(agent), 255)
     above = _raise_ancestors(links, parent, height)
 
-    if count >= LINK_CAPACITY:
-        del links[:LINK_BYTES]
-    links += key + (parent or NO_PARENT) + bytes((height, int(agent)))
+    entry = key + (parent or NO_PARENT) + bytes((height, int(agent)))
+    kept = links[LINK_BYTES:] if count >= LINK_CAPACITY else links
+    state.links = kept + entry
     return above + height - 1
 
 

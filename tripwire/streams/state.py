@@ -18,7 +18,7 @@ STATE_VERSION = 1
 # hundred ids a false duplicate has odds below 1e-9, at 6 bytes an id.
 ID_BYTES = 6
 ID_MASK = (1 << (8 * ID_BYTES)) - 1
-SESSION_SEEN_CAPACITY = 256
+SESSION_SEEN_CAPACITY = 224
 USER_SEEN_CAPACITY = 512
 
 # One remembered LLM output: kind, sketch length, content-word sketch, vector.
@@ -30,7 +30,7 @@ OUTPUT_KIND_BITS = 2
 
 # One span link for computing recursion depth: id, parent id, height, agent flag.
 LINK_BYTES = 2 * ID_BYTES + 2
-LINK_CAPACITY = 16
+LINK_CAPACITY = 8
 NO_PARENT = b"\x00" * ID_BYTES
 
 _NANO = 1_000_000_000
@@ -69,7 +69,11 @@ def from_nano(nano: int) -> float:
 
 
 class _IdRing:
-    """Helpers over a bytearray ring of fixed-size ids."""
+    """Helpers over a bytearray ring of fixed-size ids.
+
+    A ring grows by exact-size copies (no allocator slack) until it holds
+    ``capacity`` ids, then overwrites its oldest id in place.
+    """
 
     @staticmethod
     def contains(ring: bytearray, key: bytes) -> bool:
@@ -81,13 +85,14 @@ class _IdRing:
         return False
 
     @staticmethod
-    def add(ring: bytearray, key: bytes, position: int, capacity: int) -> int:
+    def add(
+        ring: bytearray, key: bytes, position: int, capacity: int
+    ) -> tuple[bytearray, int]:
         if len(ring) < capacity * ID_BYTES:
-            ring += key
-            return position
+            return ring + key, position
         start = position * ID_BYTES
         ring[start : start + ID_BYTES] = key
-        return (position + 1) % capacity
+        return ring, (position + 1) % capacity
 
 
 class SessionState:
@@ -166,7 +171,7 @@ class SessionState:
 
     def remember(self, key: bytes) -> None:
         """Record a span's dedupe key, evicting the oldest when the ring is full."""
-        self.seen_position = _IdRing.add(
+        self.seen, self.seen_position = _IdRing.add(
             self.seen, key, self.seen_position, SESSION_SEEN_CAPACITY
         )
 
@@ -230,7 +235,7 @@ class SessionState:
             ) = _SESSION_HEADER.unpack_from(data, 0)
             offset = _SESSION_HEADER.size
             state.user_id, offset = _unpack_str(data, offset)
-            state.agent_name, offset = _unpack_str(data, offset)
+            agent_name, offset = _unpack_str(data, offset)
             seen, offset = _unpack_blob(data, offset)
             burn, offset = _unpack_blob(data, offset)
             tools, offset = _unpack_blob(data, offset)
@@ -241,6 +246,8 @@ class SessionState:
                 f"session state of {len(data)} bytes is truncated or corrupt: {exc}; "
                 "drop the entry so the session restarts from empty"
             ) from exc
+        # Agent names repeat across sessions: share one string per name.
+        state.agent_name = sys.intern(agent_name) if agent_name else agent_name
         state.seen = bytearray(seen)
         state.burn = _from_little("q", burn)
         state.tools = _from_little("Q", tools)
@@ -288,7 +295,7 @@ class UserDayState:
 
     def remember(self, key: bytes) -> None:
         """Record a usage record's span key, evicting the oldest when full."""
-        self.seen_position = _IdRing.add(
+        self.seen, self.seen_position = _IdRing.add(
             self.seen, key, self.seen_position, USER_SEEN_CAPACITY
         )
 
