@@ -37,6 +37,9 @@ _MIX_INT = 0x9E3779B97F4A7C15
 _MIX = np.uint64(_MIX_INT)
 _BIGRAM = np.uint64(0xC2B2AE3D27D4EB4F)
 _WORD_CACHE_SIZE = 16_384
+# Word hashes are little-endian BLAKE2b digests on every machine.
+_LITTLE_U64 = np.dtype("<u8")
+_SKETCH_SHIFT = np.uint64(48)
 
 _STOPWORD_TEXT = """
     a about above after again against all also am an and another any are as at
@@ -101,10 +104,11 @@ class TextEmbedder:
 
     def embed(self, text: str) -> npt.NDArray[np.float64] | None:
         """Return the L2-normalised embedding of ``text``; None if it has no words."""
-        found = self._embed(text)
+        found = self._counts(text)
         if found is None:
             return None
-        vector = found[0]
+        net = found[0] / _WORD_UNITS
+        vector: npt.NDArray[np.float64] = np.copysign(np.log1p(np.abs(net)), net)
         norm = float(np.sqrt(vector @ vector))
         return vector / norm if norm > 0 else vector
 
@@ -120,18 +124,26 @@ class TextEmbedder:
             The code, or None when the text has no words (or, against all
             odds, every feature cancels out).
         """
-        found = self._embed(text)
+        found = self._counts(text)
         if found is None:
             return None
-        vector, words = found
-        peak = float(np.abs(vector).max())
+        net, content = found
+        size = np.abs(net)
+        peak = int(size.max())
         if peak == 0:
             return None
-        quantised = np.rint(vector * (127 / peak)).astype(np.int8).tobytes()
-        sketch = sorted({word.sketch for word in words if word.content})
-        return TextCode(quantised, tuple(sketch[:sketch_size]))
+        # The embedding's entries are sign(x) * log1p(|x|), x = net / units;
+        # the largest is scaled to +-127.
+        scale = 127 / math.log1p(peak / _WORD_UNITS)
+        scaled = np.copysign(np.log1p(size / _WORD_UNITS) * scale, net)
+        quantised = np.rint(scaled).astype(np.int8).tobytes()
+        sketch = np.unique((content * _MIX) >> _SKETCH_SHIFT)[:sketch_size]
+        return TextCode(quantised, tuple(sketch.tolist()))
 
-    def _embed(self, text: str) -> tuple[npt.NDArray[np.float64], list[_Word]] | None:
+    def _counts(
+        self, text: str
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]] | None:
+        """Return the net weight units per bucket, and the content-word hashes."""
         tokens = text[: self.max_chars].lower().encode("utf-8").translate(_SEPARATE)
         raw = tokens.split()
         if not raw:
@@ -142,18 +154,16 @@ class TextEmbedder:
         size = 2 * self.dim
         slots = np.frombuffer(b"".join([word.slots for word in words]), np.uint16)
         counts = np.bincount(slots, minlength=size)
-        content = [word.hash for word in words if word.content]
-        if len(content) > 1:
-            hashes = np.array(content, np.uint64)
+        # Content words only: function words and numbers have an empty key.
+        hashes = np.frombuffer(b"".join([word.key for word in words]), _LITTLE_U64)
+        if hashes.size > 1:
             bigrams = (hashes[:-1] * _BIGRAM + hashes[1:]) * _MIX
             pairs = (bigrams >> self._shift).astype(np.intp)
             counts += _BIGRAM_UNITS * np.bincount(pairs, minlength=size)
 
         # Slot 2b counts bucket b with a plus sign, slot 2b + 1 with a minus.
-        signed = counts.reshape(self.dim, 2)
-        net = (signed[:, 0] - signed[:, 1]) / _WORD_UNITS
-        vector: npt.NDArray[np.float64] = np.copysign(np.log1p(np.abs(net)), net)
-        return vector, words
+        net: npt.NDArray[np.int64] = counts[0::2] - counts[1::2]
+        return net, hashes
 
     def _learn(self, token: bytes) -> _Word:
         text = token.decode("utf-8", "replace").strip("'")
@@ -170,12 +180,7 @@ class TextEmbedder:
         slots = [self._slot(hashed)] * units
         if content:
             slots.extend(self._slot(key) for key in _gram_keys(b" " + stemmed + b" "))
-        word = _Word(
-            content=content,
-            hash=hashed,
-            sketch=(hashed * _MIX_INT & _MASK64) >> 48,
-            slots=array("H", slots).tobytes(),
-        )
+        word = _Word(key=digest if content else b"", slots=array("H", slots).tobytes())
         if len(self._words) >= _WORD_CACHE_SIZE:
             self._words.clear()
         self._words[token] = word
@@ -190,14 +195,13 @@ class TextEmbedder:
 class _Word:
     """What the embedder caches of a word: its features, ready to count.
 
-    ``slots`` are the word's feature slots (``2 * bucket + sign``) packed as
-    native uint16, each repeated as many times as it weighs, so a text's
-    slots are one ``bytes.join`` away.
+    ``key`` is the stem's 8-byte BLAKE2b digest for a content word, empty for
+    a function word or a number. ``slots`` are the word's feature slots
+    (``2 * bucket + sign``) packed as native uint16, each repeated as many
+    times as it weighs, so a text's slots are one ``bytes.join`` away.
     """
 
-    content: bool
-    hash: int
-    sketch: int
+    key: bytes
     slots: bytes
 
 
