@@ -296,6 +296,11 @@ class Detector:
     def _output_trip(
         self, state: SessionState, span: SpanEvent, policy: Policy, pending: int
     ) -> Trip | None:
+        # Once the rule has fired (or is off) the output window is never
+        # read again in this session: skip the embedding altogether.
+        if not pending & _LOOP_SIMILARITY:
+            return None
+
         text = span.output_text
         code = self.embedder.encode(text, SKETCH_SIZE) if text else None
         sketch = code.sketch if code is not None else ()
@@ -310,9 +315,7 @@ class Detector:
         if vector is None:
             return None
 
-        trip = None
-        if pending & _LOOP_SIMILARITY:
-            trip = loops.similar_outputs(state, policy, kind, vector, sketch)
+        trip = loops.similar_outputs(state, policy, kind, vector, sketch)
         loops.add_output(state, kind, vector, sketch, policy.loop_similar_window)
         return trip
 

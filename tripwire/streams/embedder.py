@@ -245,7 +245,7 @@ def quantise(vector: npt.NDArray[np.floating[Any]]) -> bytes:
     return bytes(np.rint(vector * (127 / peak)).astype(np.int8).tobytes())
 
 
-def int8_cosines(stored: bytes | bytearray, newest: bytes) -> npt.NDArray[np.float64]:
+def int8_cosines(stored: bytes | bytearray, newest: bytes) -> list[float]:
     """Return the cosine of ``newest`` with each int8 vector packed in ``stored``.
 
     An all-zero vector (which :class:`TextEmbedder` never produces) has
@@ -253,13 +253,15 @@ def int8_cosines(stored: bytes | bytearray, newest: bytes) -> npt.NDArray[np.flo
     """
     matrix = np.frombuffer(bytes(stored) + newest, np.int8).astype(np.float64)
     matrix = matrix.reshape(-1, len(newest))
-    dots = matrix @ matrix[-1]
-    squares = np.einsum("ij,ij->i", matrix, matrix)
+    gram = matrix @ matrix.T
+    dots: list[float] = gram[-1].tolist()
+    squares: list[float] = gram.diagonal().tolist()
+    newest_square = dots[-1]
     # The 1.0 keeps a zero vector's cosine at 0; int8 norms are >= 127.
-    cosines: npt.NDArray[np.float64] = dots[:-1] / np.sqrt(
-        squares[:-1] * dots[-1] + 1.0
-    )
-    return cosines
+    return [
+        dot / math.sqrt(square * newest_square + 1.0)
+        for dot, square in zip(dots[:-1], squares[:-1], strict=True)
+    ]
 
 
 def bit_code(embedding: Sequence[float]) -> bytes | None:
@@ -291,12 +293,13 @@ def bit_code(embedding: Sequence[float]) -> bytes | None:
     return bytes(np.packbits(rotated[:BIT_CODE_BITS] > 0).tobytes())
 
 
-def bit_cosines(stored: bytes | bytearray, newest: bytes) -> npt.NDArray[np.float64]:
+def bit_cosines(stored: bytes | bytearray, newest: bytes) -> list[float]:
     """Return the estimated cosine of ``newest`` with each bit code in ``stored``."""
     new = np.frombuffer(newest, np.uint8)
-    rows = np.frombuffer(stored, np.uint8).reshape(-1, new.size)
+    rows = np.frombuffer(bytes(stored), np.uint8).reshape(-1, new.size)
     differing = np.bitwise_count(rows ^ new).sum(axis=1)
-    return np.asarray(np.cos(np.pi * differing / (8 * new.size)), np.float64)
+    cosines: list[float] = np.cos(np.pi * differing / (8 * new.size)).tolist()
+    return cosines
 
 
 def _hadamard(vector: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:

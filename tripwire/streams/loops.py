@@ -189,10 +189,10 @@ def similar_outputs(
     )
     if kind == OUTPUT_KIND_TEXT:
         threshold = policy.loop_similarity_text
-        scores: list[float] = int8_cosines(stored, vector).tolist()
+        scores = int8_cosines(stored, vector)
     else:
         threshold = policy.loop_similarity_vector
-        scores = bit_cosines(stored, vector).tolist()
+        scores = bit_cosines(stored, vector)
 
     matches = 0
     swapped = 0

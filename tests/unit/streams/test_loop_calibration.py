@@ -43,7 +43,7 @@ def _scored() -> list[Scored]:
         second = embedder.encode(row["b"], SKETCH_SIZE)
         assert first is not None
         assert second is not None
-        cosine = float(int8_cosines(first.vector, second.vector)[0])
+        cosine = int8_cosines(first.vector, second.vector)[0]
         swapped = substituted(first.sketch, second.sketch)
         scored.append(Scored(row["kind"], row["loop"], cosine, swapped))
     return scored

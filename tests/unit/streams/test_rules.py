@@ -291,7 +291,7 @@ def _similarity_of_rewording() -> float:
     second = embedder.encode(REWORDED, SKETCH_SIZE)
     assert first is not None
     assert second is not None
-    return float(int8_cosines(first.vector, second.vector)[0])
+    return int8_cosines(first.vector, second.vector)[0]
 
 
 REWORDED = "Let me search the quarterly report once more to find the Q3 revenue figure."
