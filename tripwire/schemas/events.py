@@ -52,7 +52,10 @@ class SpanEvent:
     the OpenTelemetry GenAI conventions count it; ``cache_read_tokens`` and
     ``cache_creation_tokens`` are the parts of it priced at their own rates.
     ``output_text`` is transient: it feeds the loop detector and is never
-    stored, logged or re-published.
+    stored, logged or re-published. ``output_code`` is what the loop detector
+    keeps of a text, computed where the text is (``TextEmbedder.wire_code``),
+    so the text itself need not travel: a versioned ASCII string, ``t1:`` and
+    base64 (see ``tripwire.streams.embedder.TextCode``).
     """
 
     span_id: str
@@ -77,6 +80,7 @@ class SpanEvent:
     finish_reason: str | None = None
     depth: int | None = None
     output_text: str | None = None
+    output_code: str | None = None
     embedding: list[float] | None = None
     outcome: str | None = None
     attributes: dict[str, Any] = field(default_factory=dict)

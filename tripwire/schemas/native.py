@@ -14,6 +14,7 @@ import orjson
 
 from tripwire.errors import SpanValidationError
 from tripwire.schemas.events import SpanEvent, SpanKind, ToolStatus
+from tripwire.streams.embedder import TextCode, TextCodeError
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ def span_from_mapping(record: Mapping[str, Any]) -> SpanEvent:
 
     tool_status = get("tool_status")
     output_text = get("output_text")
+    output_code = get("output_code")
     embedding = get("embedding")
     attributes = get("attributes")
 
@@ -177,6 +179,7 @@ def span_from_mapping(record: Mapping[str, Any]) -> SpanEvent:
         _name(get("finish_reason"), "finish_reason"),
         _depth(get("depth")),
         None if output_text is None else _output_text(output_text),
+        None if output_code is None else _output_code(output_code),
         None if embedding is None else _embedding(embedding),
         _name(get("outcome"), "outcome"),
         _attributes(attributes) if attributes else {},
@@ -437,6 +440,21 @@ def _output_text(value: object) -> str | None:
     if len(value) > MAX_OUTPUT_TEXT_CHARS:
         return value[:MAX_OUTPUT_TEXT_CHARS]
     return value or None
+
+
+def _output_code(value: object) -> str:
+    if type(value) is not str:
+        raise SpanValidationError(
+            f"output_code must be a string or null, got {type(value).__name__}",
+            "output_code",
+        )
+    try:
+        TextCode.from_wire(value)
+    except TextCodeError as exc:
+        raise SpanValidationError(
+            f"output_code is malformed: {exc}", "output_code"
+        ) from None
+    return value
 
 
 def _embedding(value: object) -> list[float] | None:

@@ -18,7 +18,12 @@ from tripwire.schemas.events import (
     ToolStatus,
 )
 from tripwire.streams import loops, rules
-from tripwire.streams.embedder import TextEmbedder, bit_code
+from tripwire.streams.embedder import (
+    TextCode,
+    TextCodeError,
+    TextEmbedder,
+    bit_code,
+)
 from tripwire.streams.policy import RULE_BIT, Policy
 from tripwire.streams.pricing import CostBreakdown, PriceBook
 from tripwire.streams.rules import Trip
@@ -301,8 +306,7 @@ class Detector:
         if not pending & _LOOP_SIMILARITY:
             return None
 
-        text = span.output_text
-        code = self.embedder.encode(text, SKETCH_SIZE) if text else None
+        code = self._text_code(span)
         sketch = code.sketch if code is not None else ()
         vector: bytes | None = None
         kind = OUTPUT_KIND_TEXT
@@ -318,6 +322,21 @@ class Detector:
         trip = loops.similar_outputs(state, policy, kind, vector, sketch)
         loops.add_output(state, kind, vector, sketch, policy.loop_similar_window)
         return trip
+
+    def _text_code(self, span: SpanEvent) -> TextCode | None:
+        """Return the code of the span's output: embedded from text, or carried."""
+        text = span.output_text
+        if text:
+            return self.embedder.encode(text, SKETCH_SIZE)
+        carried = span.output_code
+        if not carried:
+            return None
+        try:
+            return TextCode.from_wire(carried)
+        except TextCodeError as exc:
+            # Decoders reject such spans; one built in-process may still hold it.
+            logger.debug("span %s: output_code ignored: %s", span.span_id, exc)
+            return None
 
     def _decide(
         self, state: SessionState, span: SpanEvent, policy: Policy, trips: list[Trip]

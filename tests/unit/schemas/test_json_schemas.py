@@ -31,6 +31,10 @@ from tripwire.schemas.native import (
     decode_native,
     encode_native,
 )
+from tripwire.streams.embedder import MAX_WIRE_CHARS, TextEmbedder
+
+CODE = TextEmbedder().wire_code("Let me search the quarterly report for Q3 revenue.")
+assert CODE is not None
 
 SCHEMA_DIR = Path(tripwire.schemas.__file__).parent / "jsonschema"
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
@@ -56,6 +60,7 @@ KNOWN_KEYWORDS = {
     "maxLength",
     "maxItems",
     "maxProperties",
+    "pattern",
     "anyOf",
     "format",
 }
@@ -129,6 +134,8 @@ def validate(value: Any, schema: dict[str, Any], path: str = "$") -> list[str]:
             problems.append(f"{path}: shorter than {schema['minLength']}")
         if len(value) > schema.get("maxLength", math.inf):
             problems.append(f"{path}: longer than {schema['maxLength']}")
+        if "pattern" in schema and not re.search(schema["pattern"], value):
+            problems.append(f"{path}: {value!r} does not match {schema['pattern']}")
         if schema.get("format") == "date-time" and not RFC3339.fullmatch(value):
             problems.append(f"{path}: {value!r} is not an RFC 3339 date-time")
     if isinstance(value, list):
@@ -238,6 +245,7 @@ def test_span_schema_limits_match_decoder_constants() -> None:
     assert props["input_tokens"]["maximum"] == MAX_TOKENS_PER_SPAN
     assert props["span_id"]["maxLength"] == MAX_ID_CHARS
     assert props["embedding"]["maxItems"] == MAX_EMBEDDING_DIMS
+    assert props["output_code"]["maxLength"] == MAX_WIRE_CHARS
 
 
 def full_span() -> SpanEvent:
@@ -264,6 +272,7 @@ def full_span() -> SpanEvent:
         finish_reason="tool_calls",
         depth=1,
         output_text="text",
+        output_code=CODE,
         embedding=[0.5, 1.0],
         outcome="success",
         attributes={"team": "growth"},
@@ -280,6 +289,14 @@ GOOD_SPANS: list[dict[str, Any]] = [
         "end_time": 1_738_324_801_000_000_000,
         "session_id": None,
         "future_field": {"ignored": True},
+    },
+    {
+        "span_id": "a",
+        "trace_id": "b",
+        "kind": "llm",
+        "start_time": 1,
+        "end_time": 2,
+        "output_code": CODE,
     },
 ]
 BAD_SPANS: list[tuple[dict[str, Any], str]] = [
@@ -340,6 +357,28 @@ BAD_SPANS: list[tuple[dict[str, Any], str]] = [
             "end_time": 2,
         },
         "start_time",
+    ),
+    (
+        {
+            "span_id": "a",
+            "trace_id": "b",
+            "kind": "llm",
+            "start_time": 1,
+            "end_time": 2,
+            "output_code": "t2:" + CODE[3:],
+        },
+        "output_code",
+    ),
+    (
+        {
+            "span_id": "a",
+            "trace_id": "b",
+            "kind": "llm",
+            "start_time": 1,
+            "end_time": 2,
+            "output_code": "t1:not-base64!",
+        },
+        "output_code",
     ),
 ]
 

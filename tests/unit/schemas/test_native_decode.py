@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import math
 from dataclasses import fields
@@ -22,8 +23,11 @@ from tripwire.schemas.native import (
     encode_native,
     iter_native_lines,
 )
+from tripwire.streams.embedder import TextCode, TextEmbedder
 
 T0 = 1_714_564_800.25
+CODE = TextEmbedder().wire_code("Looking it up in the quarterly report, then the Q3 tab.")
+assert CODE is not None
 
 
 def record(**overrides: Any) -> dict[str, Any]:
@@ -77,6 +81,7 @@ def full_span() -> SpanEvent:
         finish_reason="tool_calls",
         depth=2,
         output_text="looking it up",
+        output_code=CODE,
         embedding=[0.25, -0.5, 1.0],
         outcome="gave_up",
         attributes={"team": "growth", "retries": 3, "canary": True, "ratio": 0.5},
@@ -123,6 +128,7 @@ def test_encode_leaves_text_out_unless_asked() -> None:
     with_text = orjson.loads(encode_native(span, include_text=True))
 
     assert "output_text" not in plain
+    assert plain["output_code"] == CODE
     assert with_text["output_text"] == "looking it up"
     assert plain["kind"] == "tool"
     assert plain["tool_status"] == "error"
@@ -347,6 +353,52 @@ def test_output_text_is_truncated_not_rejected() -> None:
 
 def test_output_text_must_be_a_string() -> None:
     assert rejected(record(output_text=["hi"])).field == "output_text"
+
+
+def test_output_code_is_kept_as_sent() -> None:
+    span = decode_native(record(output_code=CODE))
+
+    assert span.output_code == CODE
+    assert span.output_text is None
+
+
+def _code_with(vector: bytes, sketch: bytes) -> str:
+    return "t1:" + base64.b64encode(vector + sketch).decode()
+
+
+VECTOR = bytes(range(1, 128)) + bytes(129)
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        (["t1:"], "must be a string"),
+        ("t2:" + CODE[3:], "must start with 't1:'"),
+        ("t1:" + "A" * 400, "at most 387 characters"),
+        ("t1:" + CODE[4:], "not valid base64"),
+        ("t1:" + CODE[3:] + "!", "not valid base64"),
+        (_code_with(VECTOR[:255], b""), "256-byte vector"),
+        (_code_with(VECTOR, b"\x01"), "2 bytes per sketch hash"),
+        (_code_with(VECTOR, b"\x00" * 34), "at most 387 characters"),
+        (_code_with(bytes(256), b""), "all-zero vector"),
+        (_code_with(VECTOR, b"\x02\x00\x01\x00"), "strictly ascending"),
+        (_code_with(VECTOR, b"\x02\x00\x02\x00"), "strictly ascending"),
+    ],
+)
+def test_malformed_output_codes_are_rejected(value: Any, words: str) -> None:
+    error = rejected(record(output_code=value))
+
+    assert error.field == "output_code"
+    assert words in error.reason
+
+
+def test_output_code_of_any_sketch_length_round_trips() -> None:
+    for size in range(17):
+        sketch = tuple(range(10, 10 + 3 * size, 3))
+        code = TextCode(VECTOR, sketch)
+
+        assert decode_native(record(output_code=code.to_wire())).output_code
+        assert TextCode.from_wire(code.to_wire()) == code
 
 
 def test_embedding_integers_become_floats_and_empty_is_none() -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 
 from tripwire.schemas.events import (
@@ -18,11 +20,13 @@ from tripwire.schemas.events import (
     decision_id,
 )
 from tripwire.streams.core import Decision, Detector, Usage
+from tripwire.streams.embedder import TextEmbedder
 from tripwire.streams.policy import Policy
 from tripwire.streams.pricing import PriceBook
 from tripwire.streams.state import SessionState, UserDayState
 
 START = 1_750_000_000.0  # 2025-06-15T15:06:40Z
+PAIRS = Path(__file__).parent / "data" / "loop_pairs.jsonl"
 
 
 def span(index: int, kind: SpanKind = SpanKind.LLM, **fields: Any) -> SpanEvent:
@@ -405,6 +409,88 @@ def test_unrelated_carried_embeddings_do_not_loop() -> None:
     _, decisions = feed(detector(), spans)
 
     assert decisions == []
+
+
+def _run_sessions(spans: list[SpanEvent]) -> tuple[list[bytes], list[bytes]]:
+    """Feed spans of many sessions; return the decisions and final states."""
+    core = detector()
+    states: dict[str, SessionState] = {}
+    users: dict[tuple[str, str], UserDayState] = {}
+    decisions: list[bytes] = []
+    for item in spans:
+        state, outcome = core.observe_span(states.get(item.session_id), item)
+        states[item.session_id] = state
+        decisions.extend(d.to_json() for d in outcome.decisions)
+        if outcome.usage is not None:
+            key = (outcome.usage.user_id, outcome.usage.day)
+            users[key], more = core.observe_usage(users.get(key), outcome.usage)
+            decisions.extend(d.to_json() for d in more)
+    return decisions, [states[key].encode() for key in sorted(states)]
+
+
+def _pair_sessions() -> list[SpanEvent]:
+    """One session per labelled pair: its two outputs in turn, between tool calls."""
+    sessions = []
+    for number, line in enumerate(PAIRS.read_bytes().splitlines()):
+        pair = orjson.loads(line)
+        sessions.append(
+            [
+                span(
+                    100 * number + step,
+                    SpanKind.LLM if step % 2 else SpanKind.TOOL,
+                    session_id=f"pair-{number}",
+                    tool_name="search",
+                    output_text=pair["ab"[step // 2 % 2]] if step % 2 else None,
+                )
+                for step in range(1, 13)
+            ]
+        )
+    # Interleave the sessions, as a topic partition would.
+    return [item for group in zip(*sessions, strict=True) for item in group]
+
+
+def test_output_codes_give_the_decisions_their_texts_give() -> None:
+    spans = _pair_sessions() + _runaway()
+    embedder = TextEmbedder()
+    coded = [
+        replace(
+            item, output_text=None, output_code=embedder.wire_code(item.output_text)
+        )
+        if item.output_text
+        else item
+        for item in spans
+    ]
+    assert sum(item.output_code is not None for item in coded) > 300
+
+    with_text, text_states = _run_sessions(spans)
+    with_codes, code_states = _run_sessions(coded)
+
+    assert with_codes == with_text
+    assert code_states == text_states
+    assert sum(b'"loop_similarity"' in decision for decision in with_text) >= 3
+
+
+def test_output_text_wins_over_a_carried_code() -> None:
+    embedder = TextEmbedder()
+    other = embedder.wire_code("An unrelated answer about invoices and their totals.")
+    text = "Searching the quarterly report again for the Q3 revenue figure."
+    spans = [span(i, output_text=text, output_code=other) for i in range(1, 5)]
+
+    _, decisions = feed(detector(), spans)
+
+    assert [d.reason for d in decisions if isinstance(d, KillCommand)] == [
+        "loop_similarity"
+    ]
+
+
+def test_malformed_code_on_an_in_process_span_is_ignored() -> None:
+    spans = [span(i, output_code="t1:broken") for i in range(1, 6)]
+
+    state, decisions = feed(detector(), spans)
+
+    assert decisions == []
+    assert state.outputs == bytearray()
+    assert state.llm_calls == 5
 
 
 def test_state_is_updated_in_place_and_returned() -> None:

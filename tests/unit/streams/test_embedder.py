@@ -7,7 +7,10 @@ import pytest
 
 from tripwire.streams.embedder import (
     BIT_CODE_BITS,
+    MAX_WIRE_CHARS,
     TEXT_DIM,
+    TextCode,
+    TextCodeError,
     TextEmbedder,
     bit_code,
     bit_cosines,
@@ -177,3 +180,35 @@ def test_cosines_against_several_stored_vectors() -> None:
     assert scores[0] == pytest.approx(1.0, abs=1e-6)
     assert scores[1] > scores[2]
     assert int8_cosines(bytes(TEXT_DIM), newest.vector) == [0.0]
+
+
+def test_wire_code_reads_back_as_the_code_of_the_text() -> None:
+    embedder = TextEmbedder()
+    text = "Let me search the quarterly report again for the Q3 revenue figure."
+
+    wire = embedder.wire_code(text)
+
+    assert wire is not None
+    assert wire.startswith("t1:")
+    assert wire.isascii()
+    assert len(wire) <= MAX_WIRE_CHARS
+    assert TextCode.from_wire(wire) == embedder.encode(text, 16)
+    assert embedder.wire_code(" ... ") is None
+
+
+def test_full_sketch_code_fills_the_wire_limit() -> None:
+    words = " ".join(f"topic{index} subject{index}" for index in range(40))
+    code = TextEmbedder().encode(words, 16)
+    assert code is not None
+    assert len(code.sketch) == 16
+
+    assert len(code.to_wire()) == MAX_WIRE_CHARS
+
+
+@pytest.mark.parametrize(
+    "code",
+    [TextCode(bytes(range(100)), ()), TextCode(b"\x7f" * TEXT_DIM, tuple(range(17)))],
+)
+def test_codes_that_do_not_fit_the_wire_form_are_refused(code: TextCode) -> None:
+    with pytest.raises(TextCodeError, match="256-byte vector"):
+        code.to_wire()
