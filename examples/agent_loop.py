@@ -41,7 +41,7 @@ def run_agent(
     llm: FakeLLM,
     guard: SessionGuard,
     task: str,
-    share_output_text: bool = False,
+    compare_outputs: bool = False,
 ) -> str:
     """Run the agent loop until the model answers; return the answer."""
     session = {"session.id": guard.session_id, "user.id": guard.user_id or ""}
@@ -79,7 +79,9 @@ def run_agent(
                         "gen_ai.response.finish_reasons": [reply.finish_reason],
                     }
                 )
-                if share_output_text:
+                if compare_outputs:
+                    # The exporter turns the text into its code; only the
+                    # code leaves the process.
                     span.set_attribute("gen_ai.completion.0.content", reply.text)
             guard.after_llm_call(reply.text)
             messages.append({"role": "assistant", "content": reply.text})
@@ -117,9 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--latency", type=float, default=0.2, help="seconds a call")
     parser.add_argument(
-        "--share-output-text",
+        "--compare-outputs",
         action="store_true",
-        help="publish completion text so the worker can compare outputs too",
+        help="publish completion text codes so the worker can compare outputs too",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
     return parser.parse_args(argv)
@@ -130,11 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     session_id = args.session or f"example-{uuid.uuid4().hex[:12]}"
 
-    exporter = KafkaSpanExporter(
-        args.bootstrap,
-        args.spans_topic,
-        include_output_text=args.share_output_text,
-    )
+    exporter = KafkaSpanExporter(args.bootstrap, args.spans_topic)
     provider = TracerProvider(resource=Resource.create({"service.name": AGENT_NAME}))
     provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=100))
     tracer = provider.get_tracer("tripwire.examples.agent_loop")
@@ -157,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 llm,
                 guard,
                 "Find the cheapest supplier.",
-                args.share_output_text,
+                args.compare_outputs,
             )
             summary.update(outcome="finished", answer=answer)
         except SessionKilled as killed:

@@ -30,6 +30,7 @@ from tripwire.schemas.conventions import (
 )
 from tripwire.schemas.events import SpanEvent
 from tripwire.schemas.native import encode_native
+from tripwire.streams.embedder import TextEmbedder
 
 logger = logging.getLogger(__name__)
 
@@ -102,18 +103,23 @@ class KafkaSpanExporter(SpanExporter):
             ``gen_ai.conversation.id``...); without any, the trace id is the
             session.
         user_attribute: span attribute holding the user id, likewise.
-        include_output_text: publish the completion text so the worker's
-            loop detector can compare outputs. Off by default: the text then
-            never leaves the process, and the worker's loop signal relies on
-            embeddings carried by the span or on the local ``SessionGuard``.
+        include_output_text: publish the completion text itself. Off by
+            default: the text never leaves the process, and the worker's
+            loop detector compares the text codes sent instead.
+        include_output_code: compute the completion's text code here
+            (``TextEmbedder.wire_code``) and publish it as ``output_code``,
+            which gives the worker's loop-similarity rule the decisions the
+            text would give. Turn it off to publish nothing derived from the
+            text; the rule then relies on embeddings carried by the span.
         max_queue: spans held while Kafka is slow or away; beyond it, dropped.
         batch_size: spans sent before waiting for the broker's acknowledgement.
         linger_ms: how long the producer waits to fill a request.
         delivery_timeout: seconds the broker has to acknowledge a batch.
         shutdown_timeout: seconds ``shutdown`` waits for queued spans.
         mapping: the full attribute mapping, instead of ``session_attribute``
-            and ``user_attribute``; ``include_output_text`` still decides
-            whether text is published.
+            and ``user_attribute``; its ``extract_output_text`` decides
+            whether the text is read at all, ``include_output_text`` and
+            ``include_output_code`` what is published of it.
         producer_options: extra ``AIOKafkaProducer`` keyword arguments
             (security settings, compression).
 
@@ -129,6 +135,7 @@ class KafkaSpanExporter(SpanExporter):
         session_attribute: str | None = None,
         user_attribute: str | None = None,
         include_output_text: bool = False,
+        include_output_code: bool = True,
         max_queue: int = 10_000,
         batch_size: int = 500,
         linger_ms: int = 5,
@@ -173,10 +180,11 @@ class KafkaSpanExporter(SpanExporter):
                     session_attribute, DEFAULT_SESSION_ATTRIBUTES
                 ),
                 user_attributes=_first(user_attribute, DEFAULT_USER_ATTRIBUTES),
-                extract_output_text=include_output_text,
+                extract_output_text=include_output_text or include_output_code,
             )
         self._mapping = mapping
         self._include_output_text = include_output_text
+        self._embedder = TextEmbedder() if include_output_code else None
         self._max_queue = max_queue
         self._batch_size = batch_size
         self._shutdown_timeout = shutdown_timeout
@@ -371,6 +379,9 @@ class KafkaSpanExporter(SpanExporter):
 
     def _record(self, event: SpanEvent) -> _Record:
         """Encode one span as the worker reads it, keyed by its session."""
+        text = event.output_text
+        if text and self._embedder is not None:
+            event.output_code = self._embedder.wire_code(text)
         value = encode_native(event, include_text=self._include_output_text)
         return _Record(key=event.session_id.encode(), value=value)
 

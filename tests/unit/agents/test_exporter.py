@@ -17,6 +17,7 @@ from tripwire.agents.exporter import KafkaSpanExporter
 from tripwire.errors import ConfigError
 from tripwire.schemas.events import SpanKind
 from tripwire.schemas.native import decode_native
+from tripwire.streams.embedder import TextEmbedder
 
 # Only a guard against a hang: export() returns in microseconds when it works.
 HANG_GUARD_SECONDS = 10.0
@@ -99,6 +100,33 @@ def test_output_text_is_left_out_by_default(finished, unreachable):
     assert "output_text" not in orjson.loads(record.value)
 
 
+def test_output_code_is_published_instead_of_the_text_by_default(finished, unreachable):
+    provider, memory = finished
+    (span,) = _llm_spans(provider, memory)
+
+    (record,), _, _ = unreachable._encode([span])
+
+    event = decode_native(record.value)
+    assert event.output_text is None
+    assert event.output_code == TextEmbedder().wire_code(
+        "I will search the docs again."
+    )
+
+
+def test_output_code_can_be_turned_off(finished):
+    provider, memory = finished
+    (span,) = _llm_spans(provider, memory)
+    exporter = KafkaSpanExporter(
+        f"127.0.0.1:{_closed_port()}", include_output_code=False
+    )
+    try:
+        (record,), _, _ = exporter._encode([span])
+    finally:
+        exporter.shutdown()
+
+    assert set(orjson.loads(record.value)).isdisjoint({"output_text", "output_code"})
+
+
 def test_output_text_is_published_when_opted_in(finished):
     provider, memory = finished
     (span,) = _llm_spans(provider, memory)
@@ -110,7 +138,9 @@ def test_output_text_is_published_when_opted_in(finished):
     finally:
         exporter.shutdown()
 
-    assert decode_native(record.value).output_text == "I will search the docs again."
+    event = decode_native(record.value)
+    assert event.output_text == "I will search the docs again."
+    assert event.output_code == TextEmbedder().wire_code(event.output_text)
 
 
 def test_session_attribute_is_read_first(finished):
