@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tripwire.schemas.events import Alert, KillCommand, Scope, SpanEvent, SpanKind
 from tripwire.schemas.killswitch import redis_kill_key
-from tripwire.schemas.native import encode_native
+from tripwire.schemas.native import decode_native, encode_native
 from tripwire.schemas.otlp import decode_otlp
 from tripwire.streams.app import DLQ_OFFSET, DLQ_PARTITION, DLQ_REASON, DLQ_TOPIC
 from tripwire.streams.core import Detector
@@ -54,6 +54,14 @@ POLICY_ENV = {"TRIPWIRE_SESSION_BUDGET_USD": "2.0"}
 
 Decision = KillCommand | Alert
 Key = tuple[str, str, str]
+
+# Marks the output texts of the OTLP test: they must never reach a topic.
+SECRET = "Confidential-7f3a"
+HEALTHY_STEPS = (
+    "reading the invoice archive for March.",
+    "comparing freight quotes from three carriers.",
+    "drafting the purchase order for approval.",
+)
 
 
 @dataclass
@@ -523,6 +531,12 @@ def _otlp_record(run: str) -> tuple[bytes, list[str]]:
     plan = {f"otlp-runaway-{run}": (12, 60_000), f"otlp-healthy-{run}": (3, 800)}
     for session, (calls, input_tokens) in plan.items():
         for call in range(calls):
+            # The runaway repeats itself; the healthy session makes progress.
+            text = (
+                f"{SECRET} Let me search the supplier list again for the cheapest."
+                if "runaway" in session
+                else f"{SECRET} Step {call}: {HEALTHY_STEPS[call]}"
+            )
             start = int((BASE_TIME + call * 30.0) * 1e9)
             span = tracer.start_span(
                 "chat gpt-4o",
@@ -535,6 +549,7 @@ def _otlp_record(run: str) -> tuple[bytes, list[str]]:
                     "gen_ai.request.model": "gpt-4o",
                     "gen_ai.usage.input_tokens": input_tokens,
                     "gen_ai.usage.output_tokens": 200,
+                    "gen_ai.completion.0.content": text,
                 },
             )
             span.end(end_time=start + 2_000_000_000)
@@ -548,8 +563,10 @@ async def test_otlp_records_get_the_same_decisions_as_native_spans(
     run = uuid.uuid4().hex[:8]
     record, sessions = _otlp_record(run)
     decoded = decode_otlp(record, "otlp_proto")
+    assert all(SECRET in (span.output_text or "") for span in decoded.spans)
     expected = _reference_decisions(decoded.spans)
     assert ("kill", sessions[0], "token_budget") in expected
+    assert ("kill", sessions[0], "loop_similarity") in expected
 
     await _produce(producer, worker.topics["otlp"], [(None, record)])
 
@@ -567,6 +584,20 @@ async def test_otlp_records_get_the_same_decisions_as_native_spans(
     )
     assert ours(records) == expected
     assert (worker.session(sessions[0]) or {}).get("llm_calls") == 12
+
+    # The spans the worker forwarded carry text codes, never the text.
+    forwarded = await _consume_until(
+        worker.bootstrap,
+        [worker.topics["spans"]],
+        lambda got: sum(run.encode() in r.value for r in got) >= 15,
+    )
+    ours_forwarded = [r.value for r in forwarded if run.encode() in r.value]
+    assert len(ours_forwarded) == 15
+    for value in ours_forwarded:
+        assert SECRET.encode() not in value
+        span = decode_native(value)
+        assert span.output_text is None
+        assert span.output_code is not None
 
 
 @pytest.mark.parametrize("store", ["memory://", "rocksdb://"])

@@ -488,8 +488,21 @@ class TripwireApp:
             event.message.key,
         )
         await self.spans_topic.send(
-            key=span.session_id.encode(), value=encode_native(span, include_text=True)
+            key=span.session_id.encode(), value=self._forwarded(span)
         )
+
+    def _forwarded(self, span: SpanEvent) -> bytes:
+        """Encode a span for the spans topic with its text replaced by its code.
+
+        The code is what the loop detector would compute from the text, so
+        the span gets the same decisions, and no text reaches a topic this
+        worker writes.
+        """
+        text = span.output_text
+        if text:
+            span.output_code = self.detector.embedder.wire_code(text)
+            span.output_text = None
+        return encode_native(span)
 
     async def dead_letter(
         self, event: Event, reason: str, field_name: str | None
@@ -591,7 +604,8 @@ class TripwireApp:
         The Collector's kafkaexporter writes unkeyed records holding spans of
         many sessions; each span goes to the spans topic keyed by its session
         id, so it reaches the partition that owns the session's state and gets
-        the same decisions as a native span.
+        the same decisions as a native span. Output text is replaced by its
+        text code on the way.
 
         Args:
             events: Faust events of the OTLP topic.
@@ -610,8 +624,7 @@ class TripwireApp:
 
             for span in batch.spans:
                 await self.spans_topic.send(
-                    key=span.session_id.encode(),
-                    value=encode_native(span, include_text=True),
+                    key=span.session_id.encode(), value=self._forwarded(span)
                 )
             self.metrics.count_spans("skipped", int(batch.skipped))
             if batch.errors:
