@@ -26,7 +26,9 @@ from tripwire.schemas.events import Alert, KillCommand, Scope, SpanEvent
 from tripwire.schemas.native import encode_native
 from tripwire.streams.core import Detector
 from tripwire.streams.embedded import EmbeddedRuntime
+from tripwire.streams.policy import Policy
 from tripwire.streams.simulate import (
+    DEFAULT_SESSIONS,
     HEALTHY,
     RUNAWAY_KINDS,
     USER_CAP,
@@ -72,8 +74,10 @@ def register(subparsers: Any) -> None:
         help="simulate a fleet of agents, some runaway, and watch Tripwire stop them",
         description=textwrap.fill(
             "Simulate a fleet of LLM agents in event time: most are healthy, some "
-            "loop, burn budget, fight failing tools or recurse, and one user may "
-            "go over the daily cap. Run their spans through the detector "
+            "loop (repeating a tool call, rewording one thought, or cycling through "
+            "tool calls), burn budget, fight failing tools or recurse, and one "
+            "user may go over the daily token cap. Run their spans through the "
+            "detector "
             "(in-process, or through a Tripwire worker with --broker), stop each "
             "session the moment a kill command names it, and compare what "
             "Tripwire caught with the simulated ground truth.",
@@ -85,9 +89,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--sessions",
         type=int,
-        default=40,
+        default=DEFAULT_SESSIONS,
         metavar="N",
-        help="simulated sessions, at least 6 (default: 40)",
+        help=f"simulated sessions, at least 6 (default: {DEFAULT_SESSIONS})",
     )
     parser.add_argument(
         "--seed", type=int, default=7, metavar="S", help="random seed (default: 7)"
@@ -169,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
     speed = args.speed
     if speed is None and live:
         speed = max(fleet.duration_s / _LIVE_SECONDS, 1.0)
-    view: View = LiveView(board, sys.stdout) if live else EventLog(board, sys.stdout)
+    note = describe_policy(detector.policy, broker=bool(args.broker))
+    view: View = (LiveView if live else EventLog)(board, sys.stdout, note)
     view.start()
     try:
         if args.broker:
@@ -447,12 +452,54 @@ def record_fleet(fleet: Fleet, path: Path) -> None:
     logger.info("wrote %d simulated spans to %s", fleet.span_count, path)
 
 
-class View:
-    """Shows the demo as it runs. The base class shows nothing."""
+def describe_policy(policy: Policy, *, broker: bool = False) -> str:
+    """Return one line saying which policy decides: every setting off its default.
 
-    def __init__(self, board: Scoreboard, stream: IO[str]) -> None:
+    Args:
+        policy: the policy the demo was built with.
+        broker: the decisions come from a worker, which has a policy of its own.
+    """
+    defaults = Policy().settings()
+    changed = [
+        f"{name}={_show(value)} (default {_show(defaults[name])})"
+        for name, value in policy.settings().items()
+        if value != defaults.get(name)
+    ]
+    if policy.agents:
+        changed.append("overrides for agents " + ", ".join(sorted(policy.agents)))
+    if broker:
+        return (
+            "Policy: the worker's own; the settings here only price spans and "
+            "size the batch user"
+        )
+    if not changed:
+        return "Policy: the defaults (docs/detection.md)"
+    return "Policy: the defaults, except " + "; ".join(changed)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+class View:
+    """Shows the demo as it runs. The base class shows nothing.
+
+    Args:
+        board: the scoreboard the view reads.
+        stream: where to write.
+        policy_note: one line naming the policy, shown under the headline.
+    """
+
+    def __init__(
+        self, board: Scoreboard, stream: IO[str], policy_note: str = ""
+    ) -> None:
         self.board = board
         self.stream = stream
+        self.policy_note = policy_note
         spans = [span for s in board.fleet.sessions for span in s.spans]
         self.origin = min(span.start_time for span in spans)
         self.now = self.origin
@@ -481,18 +528,24 @@ class View:
         else:
             self.alerts += 1
 
-    def headline(self) -> str:
-        """Return what is being simulated, in one line."""
+    def headline(self) -> list[str]:
+        """Return what is being simulated: the fleet, its ground truth, the policy."""
         fleet = self.board.fleet
         kinds = Counter(session.expected for session in fleet.sessions)
         mix = ", ".join(
             f"{kinds[kind]} {kind}" for kind in (HEALTHY, *RUNAWAY_KINDS) if kinds[kind]
         )
-        return (
-            f"Simulating {len(fleet.sessions)} agent sessions (seed {fleet.seed}): "
-            f"{mix}; {fleet.span_count:,} spans over {fleet.duration_s:,.0f} s "
-            "of event time."
-        )
+        if kinds[USER_CAP]:
+            mix += " (one user's batch)"
+        lines = [
+            f"Simulating {len(fleet.sessions)} agent sessions (seed {fleet.seed}), "
+            f"{fleet.span_count:,} spans over {fleet.duration_s:,.0f} s of event "
+            "time.",
+            f"Ground truth: {mix}.",
+        ]
+        if self.policy_note:
+            lines.append(self.policy_note)
+        return lines
 
     def clock(self) -> str:
         """Return the event-time clock, ``+SSS.Ss``."""
@@ -501,10 +554,15 @@ class View:
     def describe(self, decision: Decision, changed: list[SessionScore]) -> str:
         """Return one line saying what was decided, beside the ground truth."""
         if isinstance(decision, Alert):
-            truth = _truths(changed) or "-"
+            if not changed:
+                truth = "-"
+            elif changed[0].session.runaway:
+                truth = f"{changed[0].session.expected} [flagged]"
+            else:
+                truth = f"{HEALTHY} [FALSE ALERT]"
             return (
                 f"{self.clock()}  ALERT  {decision.target:<22} {decision.rule:<24} "
-                f"truth: {truth}"
+                f"step {changed[0].steps_run if changed else '-'}, truth: {truth}"
             )
         if decision.scope is Scope.USER:
             users = [
@@ -536,7 +594,7 @@ class EventLog(View):
 
     def start(self) -> None:
         """Print the headline."""
-        self.stream.write(self.headline() + "\n")
+        self.stream.write("\n".join(self.headline()) + "\n")
         self.stream.flush()
 
     def decision(self, decision: Decision, changed: list[SessionScore]) -> None:
@@ -549,10 +607,14 @@ class EventLog(View):
 class LiveView(View):
     """A text view redrawn in place on a terminal, about ten times a second."""
 
-    def __init__(self, board: Scoreboard, stream: IO[str]) -> None:
-        super().__init__(board, stream)
+    def __init__(
+        self, board: Scoreboard, stream: IO[str], policy_note: str = ""
+    ) -> None:
+        super().__init__(board, stream, policy_note)
         self.recent: deque[str] = deque(maxlen=6)
         self._drawn = 0.0
+        # When each session was last named by a decision, in decisions shown.
+        self._touched: dict[str, int] = {}
 
     def start(self) -> None:
         """Hide the cursor and draw the empty board."""
@@ -573,6 +635,8 @@ class LiveView(View):
     def decision(self, decision: Decision, changed: list[SessionScore]) -> None:
         """Add the decision to the recent events; redraw."""
         super().decision(decision, changed)
+        for score in changed:
+            self._touched[score.session.session_id] = self.kills + self.alerts
         self.recent.append(self.describe(decision, changed))
         self.refresh(force=True)
 
@@ -583,25 +647,32 @@ class LiveView(View):
             return
         self._drawn = now
         width, height = shutil.get_terminal_size((100, 30))
-        lines = self.render(max(height - 2, 12))
+        lines = self.render(max(height - 2, 12), width)
         clipped = [line[: width - 1] for line in lines]
         self.stream.write("\x1b[H\x1b[2J" + "\n".join(clipped))
         self.stream.flush()
 
-    def render(self, height: int) -> list[str]:
-        """Return the board's lines, fitted into ``height`` lines."""
+    def render(self, height: int, width: int = 120) -> list[str]:
+        """Return the board's lines, fitted into ``height`` lines.
+
+        The agent column is left out on terminals narrower than 130
+        characters. When the runaway sessions do not all fit, the running
+        ones and those most recently decided on are shown.
+        """
         board = self.board
         scores = list(board.scores.values())
         spent = sum(score.cost_run_usd for score in scores)
         at = datetime.fromtimestamp(self.now, tz=UTC).strftime("%H:%M:%S")
+        agents = width >= 130
+        headline = self.headline()
+        headline[0] = "Tripwire demo. " + headline[0]
         lines = [
-            "Tripwire demo: " + self.headline(),
+            *(part for line in headline for part in textwrap.wrap(line, width - 1)),
             f"event time {at} UTC ({self.clock().strip()})   spans run "
             f"{self.spans_run:,}   kill commands {self.kills}   alerts {self.alerts}"
             f"   spent ${spent:,.2f}",
             "",
-            f"{'SESSION':<22} {'AGENT':<19} {'TRUTH':<13} {'STATUS':<9} "
-            f"{'STEPS':>5} {'COST $':>8}  TRIPWIRE",
+            _header_line(agents),
         ]
         batch = [s for s in scores if s.session.expected == USER_CAP]
         shown = [
@@ -610,11 +681,17 @@ class LiveView(View):
             if s.session.expected != USER_CAP
             and (s.session.runaway or s.killed or s.alerts)
         ]
-        room = height - len(lines) - 4 - len(self.recent)
-        for score in shown[: max(room, 0)]:
-            lines.append(_score_line(score))
-        if len(shown) > room > 0:
-            lines.append(f"... {len(shown) - room} more")
+        recent = list(self.recent)[-max(2, min(6, height // 5)) :]
+        room = height - len(lines) - 3 - len(recent) - (1 if batch else 0)
+        if len(shown) > room:
+            picked = set(map(id, sorted(shown, key=self._priority)[: max(room - 1, 0)]))
+            hidden = len(shown) - len(picked)
+            shown = [score for score in shown if id(score) in picked]
+        else:
+            hidden = 0
+        lines.extend(_score_line(score, agents) for score in shown)
+        if hidden:
+            lines.append(f"... {hidden} more runaway session(s)")
 
         if batch:
             states = Counter(score.status for score in batch)
@@ -625,30 +702,54 @@ class LiveView(View):
             )
         healthy = [s for s in scores if not s.session.runaway]
         states = Counter(score.status for score in healthy)
-        flagged = sum(1 for score in healthy if score.alerts and not score.killed)
+        flagged = sum(1 for score in healthy if score.alerts)
         lines.append(
             f"healthy sessions: {len(healthy)}: {states['finished']} finished, "
             f"{states['running']} running, {states['waiting']} not started, "
             f"{states['killed']} killed, {flagged} alerted"
         )
         lines.append("")
-        lines.extend(self.recent)
+        lines.extend(recent)
         return lines
 
+    def _priority(self, score: SessionScore) -> tuple[int, int]:
+        touched = self._touched.get(score.session.session_id, -1)
+        return (0 if score.status == "running" else 1, -touched)
 
-def _score_line(score: SessionScore) -> str:
-    session = score.session
-    if score.killed:
-        tripwire = f"killed: {score.kill_reason}"
-        tripwire += " [caught]" if session.runaway else " [FALSE KILL]"
-    elif score.alerts:
-        tripwire = "alerted: " + ", ".join(score.alerts)
-    else:
-        tripwire = "-"
+
+def _header_line(agents: bool) -> str:
+    agent = f"{'AGENT':<19} " if agents else ""
     return (
-        f"{session.session_id:<22} {session.agent_name:<19} {session.expected:<13} "
-        f"{score.status:<9} {score.steps_run:>5} {score.cost_run_usd:>8.2f}  {tripwire}"
+        f"{'SESSION':<17} {agent}{'TRUTH':<13} {'STATUS':<8} {'STEPS':>5} "
+        f"{'COST $':>7}  {'VERDICT':<11} TRIPWIRE"
     )
+
+
+def _score_line(score: SessionScore, agents: bool = True) -> str:
+    session = score.session
+    alerts = ", ".join(score.alerts)
+    if score.killed:
+        said = f"{score.kill_reason} (alert: {alerts})" if alerts else score.kill_reason
+    else:
+        said = f"alert: {alerts}" if alerts else "-"
+    agent = f"{session.agent_name:<19} " if agents else ""
+    return (
+        f"{session.session_id:<17} {agent}{session.expected:<13} "
+        f"{score.status:<8} {score.steps_run:>5} {score.cost_run_usd:>7.2f}  "
+        f"{_verdict(score):<11} {said}"
+    )
+
+
+def _verdict(score: SessionScore) -> str:
+    if not score.session.runaway:
+        if score.killed:
+            return "FALSE KILL"
+        return "FALSE ALERT" if score.alerts else "-"
+    if score.killed:
+        return "caught"
+    if score.finished:
+        return "MISSED"
+    return "flagged" if score.alerts else "-"
 
 
 def _truths(scores: Iterable[SessionScore]) -> str:
@@ -661,20 +762,22 @@ def format_report(board: Scoreboard, report: ScoreReport) -> str:
     lines = [
         "",
         "Ground truth vs Tripwire",
-        f"{'KIND':<14} {'SESSIONS':>8} {'CAUGHT':>7} {'STEPS TO KILL':>14} "
-        f"{'SPENT $':>9} {'FULL RUN $':>11} {'SAVED $':>9}",
+        f"{'KIND':<13} {'KILLED':>7} {'ALERTED':>8} {'ALERT STEP':>11} "
+        f"{'KILL STEP':>10} {'SPENT $':>9} {'FULL RUN $':>11} {'SAVED $':>9}",
     ]
     for kind in RUNAWAY_KINDS:
         group = [s for s in scores if s.session.expected == kind]
         if group:
             lines.append(_kind_line(kind, group))
     healthy = [s for s in scores if not s.session.runaway]
-    alerted = sum(1 for s in healthy if s.alerts and not s.killed)
-    spent = sum(s.cost_run_usd for s in healthy)
+    lines.append(_kind_line(HEALTHY, healthy))
     lines.append(
-        f"{HEALTHY:<14} {len(healthy):>8} {'':>7} {'':>14} {spent:>9.2f} "
-        f"{sum(s.full_cost_usd for s in healthy):>11.2f} "
-        f"{'':>9}  {len(report.false_kills)} killed, {alerted} alerted"
+        "  STEPS: median LLM and tool calls run before the first alert, and "
+        "before the kill."
+    )
+    lines.append(
+        "  Only a kill stops a session: a runaway that was alerted but never "
+        "killed is missed."
     )
 
     lines.append("")
@@ -688,6 +791,12 @@ def format_report(board: Scoreboard, report: ScoreReport) -> str:
             f"  FALSE KILL {score.session.session_id} ({score.session.agent_name}): "
             f"{score.kill_reason} at step {score.killed_at_step} of {score.full_steps}"
         )
+    for score in sorted(report.false_alerts, key=_by_session):
+        lines.append(
+            f"  FALSE ALERT {score.session.session_id} ({score.session.agent_name}): "
+            f"{', '.join(score.alerts)} at step {score.alerted_at_step} of "
+            f"{score.full_steps}"
+        )
 
     runaway = report.caught + report.missed
     full = sum(s.full_cost_usd for s in runaway)
@@ -698,6 +807,10 @@ def format_report(board: Scoreboard, report: ScoreReport) -> str:
         f"runaway sessions: {len(report.caught)}/{len(runaway)} caught; spent "
         f"${full - saved:,.2f} of a ${full:,.2f} full run, ${saved:,.2f} saved "
         f"({share:.0f}%)"
+    )
+    lines.append(
+        f"healthy sessions: {len(healthy)}; {len(report.false_kills)} killed, "
+        f"{len(report.false_alerts)} alerted"
     )
     if report.passed:
         lines.append("PASS: every runaway session caught, no healthy session killed")
@@ -710,28 +823,45 @@ def format_report(board: Scoreboard, report: ScoreReport) -> str:
 
 
 def _kind_line(kind: str, group: list[SessionScore]) -> str:
-    caught = [s for s in group if s.caught]
-    steps = [s.killed_at_step for s in caught if s.killed_at_step is not None]
-    median = f"{statistics.median(steps):.0f}" if steps else "-"
+    if kind == HEALTHY:
+        stopped = [s for s in group if s.killed]
+    else:
+        stopped = [s for s in group if s.caught]
+    alerted = [s for s in group if s.alerted]
+    alert_steps = [s.alerted_at_step for s in alerted if s.alerted_at_step is not None]
+    kill_steps = [s.killed_at_step for s in stopped if s.killed_at_step is not None]
     spent = sum(s.cost_run_usd for s in group)
     full = sum(s.full_cost_usd for s in group)
+    saved = f"{full - spent:.2f}" if kind != HEALTHY else "-"
+    killed = f"{len(stopped)}/{len(group)}"
+    flagged = f"{len(alerted)}/{len(group)}"
     return (
-        f"{kind:<14} {len(group):>8} {len(caught):>3}/{len(group):<3} "
-        f"{median:>14} {spent:>9.2f} {full:>11.2f} {full - spent:>9.2f}"
+        f"{kind:<13} {killed:>7} {flagged:>8} {_median(alert_steps):>11} "
+        f"{_median(kill_steps):>10} {spent:>9.2f} {full:>11.2f} {saved:>9}"
     )
+
+
+def _median(steps: list[int]) -> str:
+    return f"{statistics.median(steps):.0f}" if steps else "-"
 
 
 def _runaway_line(score: SessionScore) -> str:
     session = score.session
     head = f"  {session.expected:<13} {session.session_id} ({session.agent_name}):"
+    alert = ""
+    if score.alerts:
+        alert = (
+            f" alerted by {', '.join(score.alerts)} at step {score.alerted_at_step},"
+        )
     if not score.caught:
         return (
-            f"{head} MISSED, ran all {score.full_steps} steps, "
+            f"{head}{alert} MISSED, never killed, ran all {score.full_steps} steps, "
             f"${score.full_cost_usd:,.2f}"
         )
     return (
-        f"{head} {score.kill_reason} at step {score.killed_at_step} of "
-        f"{score.full_steps}, ${score.cost_run_usd:,.2f} of ${score.full_cost_usd:,.2f}"
+        f"{head}{alert} killed by {score.kill_reason} at step {score.killed_at_step} "
+        f"of {score.full_steps}, ${score.cost_run_usd:,.2f} of "
+        f"${score.full_cost_usd:,.2f}"
     )
 
 
@@ -748,7 +878,7 @@ def _user_lines(batch: list[SessionScore]) -> list[str]:
             continue
         stopped = sum(1 for score in mine if score.killed)
         lines.append(
-            f"  {USER_CAP:<13} user {user}: {reason}, {stopped} of its "
+            f"  {USER_CAP:<13} user {user}: killed by {reason}, {stopped} of its "
             f"{len(mine)} batch sessions stopped mid-run, the others had ended"
         )
     return lines

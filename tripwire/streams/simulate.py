@@ -26,13 +26,30 @@ logger = logging.getLogger(__name__)
 
 HEALTHY: Final = "healthy"
 LOOP: Final = "loop"
+LOOP_TEXT: Final = "loop_text"
+LOOP_CYCLE: Final = "loop_cycle"
 BUDGET: Final = "budget"
 TOOL_FAILURES: Final = "tool_failures"
 RECURSION: Final = "recursion"
 USER_CAP: Final = "user_cap"
 
 #: Every runaway kind the simulator can produce, in the order they are dealt.
-RUNAWAY_KINDS: Final = (LOOP, BUDGET, TOOL_FAILURES, RECURSION, USER_CAP)
+RUNAWAY_KINDS: Final = (
+    LOOP,
+    LOOP_TEXT,
+    LOOP_CYCLE,
+    BUDGET,
+    TOOL_FAILURES,
+    RECURSION,
+    USER_CAP,
+)
+#: The ways a session loops, dealt in turn: the same tool call again and again,
+#: the same thought reworded between varied calls, a cycle of tool calls.
+LOOP_KINDS: Final = (LOOP, LOOP_TEXT, LOOP_CYCLE)
+
+#: Sessions in a default fleet: enough for the batch user to join (about 60 are
+#: needed at the default policy) with about two sessions in three healthy.
+DEFAULT_SESSIONS: Final = 80
 
 #: Event time of the first session start: 2025-06-02 09:00:00 UTC. Fixed, so
 #: the same seed gives the same spans whatever the wall clock says.
@@ -40,10 +57,12 @@ DEFAULT_START_TIME: Final = 1_748_854_800.0
 
 # Sessions arrive over this many event-time seconds.
 _ARRIVAL_WINDOW_S: Final = 240.0
-# Each of the batch user's sessions reads this share of the session token
-# budget; together they read this multiple of the user's daily cap.
-_BATCH_SHARE: Final = 0.85
-_BATCH_EXCESS: Final = 1.1
+# Each of the batch user's sessions reads between these shares of the session
+# token budget: few, heavy sessions, just enough of them to pass the daily cap.
+_BATCH_SHARE: Final = (0.94, 0.98)
+# The batch user joins only when healthy sessions still number at least this
+# many times the runaway ones (three in five sessions healthy).
+_HEALTHY_RATIO: Final = 1.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +96,10 @@ class _Profile:
     tools: tuple[str, ...]
     subjects: tuple[str, ...]
     system_tokens: int
+    # What a stuck agent of this type keeps looking for, and where; its
+    # first tool is the one it looks with.
+    facts: tuple[str, ...]
+    place: str
 
 
 _PROFILES: Final = (
@@ -86,6 +109,8 @@ _PROFILES: Final = (
         ("search_kb", "get_ticket", "update_ticket", "lookup_order"),
         ("refund request", "login failure", "missing invoice", "shipping delay"),
         1_800,
+        ("order number", "account email", "refund amount"),
+        "knowledge base",
     ),
     _Profile(
         "research-assistant",
@@ -93,13 +118,17 @@ _PROFILES: Final = (
         ("web_search", "fetch_url", "extract_tables", "cite_source"),
         ("battery recycling", "EU AI Act", "GLP-1 market", "solid-state cells"),
         3_200,
+        ("publication date", "market share figure", "enforcement date"),
+        "sources",
     ),
     _Profile(
         "code-reviewer",
         ("sonnet", "gpt-4.1"),
-        ("read_file", "grep", "run_tests", "git_diff"),
+        ("grep", "read_file", "run_tests", "git_diff"),
         ("auth middleware", "retry policy", "cache eviction", "schema migration"),
         4_500,
+        ("failing test", "config default", "migration version"),
+        "repository",
     ),
     _Profile(
         "data-analyst",
@@ -107,6 +136,8 @@ _PROFILES: Final = (
         ("run_sql", "describe_table", "plot_chart"),
         ("churn by cohort", "weekly revenue", "funnel drop-off", "ad spend ROI"),
         2_600,
+        ("join key", "revenue column", "cohort definition"),
+        "warehouse tables",
     ),
     _Profile(
         "travel-planner",
@@ -114,6 +145,8 @@ _PROFILES: Final = (
         ("search_flights", "search_hotels", "get_weather", "convert_currency"),
         ("Lisbon weekend", "Tokyo in April", "Andes trek", "Oslo conference"),
         1_500,
+        ("return flight", "visa rule", "hotel price"),
+        "search results",
     ),
 )
 
@@ -137,6 +170,20 @@ _ERRORS: Final = (
     "HTTP 503 Service Unavailable", "timeout after 30s", "HTTP 429 rate limited",
     "connection reset by peer", "HTTP 500 upstream error", "invalid JSON in reply",
 )  # fmt: skip
+# How an agent stuck on one missing fact rewords the same report after each
+# new search. Every rewording uses the same content words, or some of them,
+# and swaps none for another: the way real stuck agents reword (see
+# tests/unit/streams/data/loop_pairs.jsonl).
+_STUCK: Final = (
+    "I still have not found the {fact} for the {subject}. Let me search the "
+    "{place} again.",
+    "The {fact} for the {subject} is still not in the {place}; I'll search the "
+    "{place} once more.",
+    "Searching the {place} again for the {subject} {fact}, which I have not found.",
+    "No {fact} for the {subject} in the {place}. Let me search again.",
+    "I will search the {place} one more time for the {fact} of the {subject}.",
+    "Still no {fact} for the {subject}, so I am searching the {place} again.",
+)
 
 
 @dataclass(slots=True)
@@ -244,7 +291,7 @@ class Fleet:
 
 
 def simulate_fleet(
-    sessions: int = 40,
+    sessions: int = DEFAULT_SESSIONS,
     seed: int = 7,
     *,
     start_time: float = DEFAULT_START_TIME,
@@ -253,11 +300,13 @@ def simulate_fleet(
 ) -> Fleet:
     """Simulate a fleet of agent sessions, most healthy, some runaway.
 
-    Roughly one session in ten loops, one in twenty burns budget and one in
-    twenty fights failing tools, and one recurses into ever deeper sub-agents.
-    When the fleet is large enough, one user also fans out a batch of
-    sessions, each ordinary on its own, that together read more tokens than
-    the user's daily cap. The same arguments always give the same spans.
+    Roughly one session in ten loops (the loop kinds of ``LOOP_KINDS`` dealt
+    in turn), one in twenty burns budget and one in twenty fights failing
+    tools, and one recurses into ever deeper sub-agents. When the fleet is
+    large enough, one user also runs a batch of a few heavy sessions, each
+    under the session token budget, that together read more tokens than the
+    user's daily cap; it joins only if three in five sessions stay healthy.
+    The same arguments always give the same spans.
 
     Args:
         sessions: how many sessions to simulate, at least 6.
@@ -287,16 +336,20 @@ def simulate_fleet(
 
     rng = random.Random(seed)
     users = [f"user-{rng.randrange(1000, 9999)}" for _ in range(max(3, sessions // 4))]
+    loops = max(1, round(sessions * 0.10))
     counts = {
-        LOOP: max(1, round(sessions * 0.10)),
+        kind: len(range(index, loops, len(LOOP_KINDS)))
+        for index, kind in enumerate(LOOP_KINDS)
+    }
+    counts |= {
         BUDGET: max(1, round(sessions * 0.05)),
         TOOL_FAILURES: max(1, round(sessions * 0.05)),
         RECURSION: 1,
     }
     room = sessions - sum(counts.values())
     batch = _batch_sessions(rng, start_time, session_token_budget, user_daily_tokens)
-    # The batch user only joins when healthy sessions still outnumber it.
-    if room - len(batch) < len(batch):
+    runaways = sessions - room + len(batch)
+    if room - len(batch) < _HEALTHY_RATIO * runaways:
         batch = []
     counts[HEALTHY] = room - len(batch)
 
@@ -317,13 +370,17 @@ def simulate_fleet(
 def _batch_sessions(
     rng: random.Random, start_time: float, session_tokens: int, user_tokens: int
 ) -> list[SimulatedSession]:
-    """Return one user's batch of sessions that together pass the token cap."""
+    """Return one user's batch of heavy sessions that together pass the token cap.
+
+    Each session reads nearly a session token budget, so the batch holds as
+    few sessions as the cap allows (11 at the default 500,000 and 5,000,000).
+    """
     user = f"user-{rng.randrange(10000, 99999)}"
     start = start_time + rng.uniform(20.0, 60.0)
-    target = int(session_tokens * _BATCH_SHARE)
     batch: list[SimulatedSession] = []
     used = 0
-    while used <= user_tokens * _BATCH_EXCESS:
+    while used <= user_tokens:
+        target = int(session_tokens * rng.uniform(*_BATCH_SHARE))
         builder = _SessionBuilder(rng, user, USER_CAP, start + rng.uniform(0.0, 10.0))
         batch.append(builder.build(target))
         used += _tokens(batch[-1])
@@ -512,6 +569,13 @@ class _SessionBuilder:
             f"details before answering{excuse}"
         )
 
+    def stuck_text(self, fact: str) -> str:
+        """Return one rewording of "I have not found ``fact``, searching again"."""
+        template = self.rng.choice(_STUCK)
+        return template.format(
+            fact=fact, subject=self.subject, place=self.profile.place
+        )
+
     def tool_args(self, tool: str) -> dict[str, object]:
         """Return plausible, fresh arguments for ``tool``."""
         rng = self.rng
@@ -531,6 +595,10 @@ class _SessionBuilder:
         kind = self.session.expected
         if kind == LOOP:
             self._loop()
+        elif kind == LOOP_TEXT:
+            self._loop_text()
+        elif kind == LOOP_CYCLE:
+            self._loop_cycle()
         elif kind == BUDGET:
             self._budget()
         elif kind == TOOL_FAILURES:
@@ -542,7 +610,8 @@ class _SessionBuilder:
         else:
             self._healthy()
         self.llm(self.fresh_text("Final answer:"), finish="stop")
-        self.close_agent(root, "success" if kind == HEALTHY else "gave_up")
+        ordinary = kind in (HEALTHY, USER_CAP)
+        self.close_agent(root, "success" if ordinary else "gave_up")
         return self.session
 
     def _work_step(self) -> None:
@@ -555,18 +624,41 @@ class _SessionBuilder:
             self._work_step()
 
     def _loop(self) -> None:
+        # The same tool call with the same arguments again and again, the
+        # same thought reworded in between.
         for _ in range(self.rng.randint(1, 3)):
             self._work_step()
         tool = self.rng.choice(self.profile.tools)
         args = self.tool_args(tool)
         target = f"the {tool} output for page {args['page']}"
-        # Some loops repeat the same tool call, some only reword the same
-        # thought between varied calls; many do both.
-        same_call = self.rng.random() < 0.7
         for _ in range(self.rng.randint(40, 70)):
-            call_args = args if same_call else self.tool_args(tool)
-            self.tool(tool, call_args, result_tokens=self.rng.randint(300, 700))
+            self.tool(tool, args, result_tokens=self.rng.randint(300, 700))
             self.llm(self.loop_text(target))
+
+    def _loop_text(self) -> None:
+        # Stuck on one missing fact: every search has new arguments, so no
+        # tool call repeats, but every answer says the same in other words.
+        for _ in range(self.rng.randint(1, 3)):
+            self._work_step()
+        tool = self.profile.tools[0]
+        fact = self.rng.choice(self.profile.facts)
+        for _ in range(self.rng.randint(40, 70)):
+            self.tool(
+                tool, self.tool_args(tool), result_tokens=self.rng.randint(300, 900)
+            )
+            self.llm(self.stuck_text(fact))
+
+    def _loop_cycle(self) -> None:
+        # Round and round the same three tool calls, each answer reading like
+        # progress: a cycle of calls, with no output like the previous ones.
+        for _ in range(self.rng.randint(1, 3)):
+            self._work_step()
+        tools = self.rng.sample(self.profile.tools, 3)
+        calls = [(tool, self.tool_args(tool)) for tool in tools]
+        for _ in range(self.rng.randint(15, 25)):
+            for tool, args in calls:
+                self.tool(tool, args)
+                self.llm(self.fresh_text(f"The {tool} result shows:"))
 
     def _budget(self) -> None:
         self.model = _MODELS[self.rng.choice(("opus", "gpt-4.1", "pro"))]
@@ -596,8 +688,10 @@ class _SessionBuilder:
             self.llm(self.fresh_text(lead))
 
     def _recursion(self) -> None:
+        # Deep enough for the depth rule, short enough (at most 18 LLM calls)
+        # that no budget would stop it in its place.
         opened: list[tuple[str, float]] = []
-        for level in range(self.rng.randint(18, 24)):
+        for level in range(self.rng.randint(10, 16)):
             opened.append(self.open_agent())
             tool = self.rng.choice(self.profile.tools)
             self.llm(
@@ -612,15 +706,16 @@ class _SessionBuilder:
 
     def _batch(self, token_target: int) -> None:
         # One of the batch user's sessions: a summary per long document,
-        # ordinary on its own; the batch together reads more than the user's
-        # daily token cap.
+        # ordinary on its own but reading nearly ``token_target`` tokens; the
+        # batch together reads more than the user's daily token cap.
         self.model = _MODELS["flash"]
         base = self.context
         while True:
-            doc_tokens = self.rng.randint(50_000, 70_000)
             # This call reads the document; the final answer only the base.
-            if self.tokens_used + 2 * base + doc_tokens + 1_200 > token_target:
+            room = token_target - self.tokens_used - 2 * base - 1_200
+            if room < 15_000:
                 break
+            doc_tokens = min(self.rng.randint(50_000, 70_000), room)
             doc = f"{self.rng.choice(_NAMES)}-{self.rng.randint(1, 9999)}"
             self.tool("fetch_document", {"doc": doc}, result_tokens=doc_tokens)
             self.llm(self.fresh_text(f"Summary of {doc}:"))
@@ -642,6 +737,7 @@ class SessionScore:
         kill_reason: the reason of the first kill command that hit it.
         killed_at_step: ``steps_run`` when the kill command arrived.
         alerts: rules of the alerts raised on it, in order.
+        alerted_at_step: ``steps_run`` when its first alert arrived.
         spans_run: spans of it that ran, agent spans included.
         finished: its last span ran.
         user_kill_reason: the reason its user was killed, even after it ended.
@@ -655,6 +751,7 @@ class SessionScore:
     kill_reason: str | None = None
     killed_at_step: int | None = None
     alerts: list[str] = field(default_factory=list)
+    alerted_at_step: int | None = None
     spans_run: int = 0
     finished: bool = False
     user_kill_reason: str | None = None
@@ -663,6 +760,11 @@ class SessionScore:
     def killed(self) -> bool:
         """Whether a kill command stopped it."""
         return self.kill_reason is not None
+
+    @property
+    def alerted(self) -> bool:
+        """Whether any alert named it."""
+        return bool(self.alerts)
 
     @property
     def caught(self) -> bool:
@@ -688,7 +790,15 @@ class SessionScore:
 
 @dataclass(slots=True)
 class ScoreReport:
-    """The confusion summary of a demo run."""
+    """The confusion summary of a demo run.
+
+    Attributes:
+        caught: runaway sessions stopped by a kill command.
+        missed: runaway sessions never stopped; an alert alone does not stop
+            a session, so an alerted but unstopped runaway is missed.
+        false_kills: healthy sessions stopped.
+        healthy_ok: healthy sessions left to run, alerted or not.
+    """
 
     caught: list[SessionScore]
     missed: list[SessionScore]
@@ -699,6 +809,12 @@ class ScoreReport:
     def passed(self) -> bool:
         """Every runaway caught and no healthy session killed."""
         return not self.missed and not self.false_kills
+
+    @property
+    def false_alerts(self) -> list[SessionScore]:
+        """Healthy sessions that an alert named, killed or not."""
+        healthy = self.false_kills + self.healthy_ok
+        return [score for score in healthy if score.alerted]
 
 
 class Scoreboard:
@@ -764,6 +880,8 @@ class Scoreboard:
             score = self.scores.get(decision.session_id or decision.target)
             if score is None or decision.rule in score.alerts:
                 return []
+            if not score.alerts:
+                score.alerted_at_step = score.steps_run
             score.alerts.append(decision.rule)
             return [score]
 

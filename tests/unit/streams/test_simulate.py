@@ -11,12 +11,17 @@ from tripwire.schemas.events import Alert, KillCommand, Scope, SpanKind, ToolSta
 from tripwire.schemas.native import decode_native, encode_native
 from tripwire.streams.simulate import (
     BUDGET,
+    DEFAULT_SESSIONS,
     HEALTHY,
     LOOP,
+    LOOP_CYCLE,
+    LOOP_TEXT,
     RECURSION,
+    RUNAWAY_KINDS,
     TOOL_FAILURES,
     USER_CAP,
     Scoreboard,
+    SimulatedSession,
     simulate_fleet,
 )
 
@@ -41,17 +46,38 @@ def test_other_seed_gives_other_spans() -> None:
     assert first != other
 
 
-def test_every_runaway_kind_is_dealt_and_most_sessions_look_healthy() -> None:
-    fleet = simulate_fleet(40, 1)
+@pytest.mark.parametrize("seed", [1, 7, 13])
+def test_default_fleet_deals_every_runaway_kind_and_is_mostly_healthy(
+    seed: int,
+) -> None:
+    fleet = simulate_fleet(seed=seed)
     kinds = Counter(session.expected for session in fleet.sessions)
 
-    assert {LOOP, BUDGET, TOOL_FAILURES, RECURSION, USER_CAP} <= set(kinds)
+    assert len(fleet.sessions) == DEFAULT_SESSIONS
+    assert set(RUNAWAY_KINDS) <= set(kinds)
     assert kinds[RECURSION] == 1
-    assert kinds[HEALTHY] + kinds[USER_CAP] > len(fleet.sessions) // 2
+    assert kinds[HEALTHY] >= 0.6 * len(fleet.sessions)
 
 
-def test_small_fleet_leaves_out_the_batch_user() -> None:
-    kinds = {session.expected for session in simulate_fleet(8, 1).sessions}
+@pytest.mark.parametrize("sessions", [10, 20, 40, 59, 60, 100, 200])
+def test_healthy_sessions_are_the_majority_at_every_size(sessions: int) -> None:
+    kinds = Counter(s.expected for s in simulate_fleet(sessions, 2).sessions)
+
+    assert kinds[HEALTHY] >= 0.6 * sessions
+
+
+def test_loops_are_dealt_in_turn_among_their_kinds() -> None:
+    one = Counter(s.expected for s in simulate_fleet(8, 1).sessions)
+    two = Counter(s.expected for s in simulate_fleet(20, 1).sessions)
+    eight = Counter(s.expected for s in simulate_fleet(80, 1).sessions)
+
+    assert (one[LOOP], one[LOOP_TEXT], one[LOOP_CYCLE]) == (1, 0, 0)
+    assert (two[LOOP], two[LOOP_TEXT], two[LOOP_CYCLE]) == (1, 1, 0)
+    assert (eight[LOOP], eight[LOOP_TEXT], eight[LOOP_CYCLE]) == (3, 3, 2)
+
+
+def test_smaller_fleet_leaves_out_the_batch_user() -> None:
+    kinds = {session.expected for session in simulate_fleet(40, 1).sessions}
 
     assert USER_CAP not in kinds
     assert {LOOP, BUDGET, TOOL_FAILURES, RECURSION} <= kinds
@@ -91,11 +117,48 @@ def test_healthy_sessions_stay_small_and_runaways_run_long() -> None:
     assert min(session.steps for session in looping) >= 60
 
 
-def test_recursive_session_nests_ever_deeper() -> None:
+def test_recursive_session_nests_deep_within_the_step_budget() -> None:
     fleet = simulate_fleet(10, 2)
     session = next(s for s in fleet.sessions if s.expected == RECURSION)
+    llm_calls = sum(span.kind is SpanKind.LLM for span in session.spans)
 
-    assert max(span.depth or 0 for span in session.spans) >= 15
+    assert max(span.depth or 0 for span in session.spans) >= 10
+    assert llm_calls <= 18
+
+
+def _tool_calls(session: SimulatedSession) -> list[tuple[str | None, str | None]]:
+    return [
+        (span.tool_name, span.tool_args_hash)
+        for span in session.spans
+        if span.kind is SpanKind.TOOL
+    ]
+
+
+def test_text_loop_never_repeats_a_tool_call_but_rewords_one_thought() -> None:
+    fleet = simulate_fleet(80, 4)
+    looping = [s for s in fleet.sessions if s.expected == LOOP_TEXT]
+
+    assert looping
+    for session in looping:
+        calls = _tool_calls(session)
+        texts = [s.output_text for s in session.spans if s.kind is SpanKind.LLM]
+        assert len(calls) >= 40
+        assert len(set(calls)) == len(calls)
+        # The last 40 answers before the final one: a handful of rewordings.
+        stuck = texts[-41:-1]
+        assert len(set(stuck)) <= 6
+        assert all(text and "search" in text.lower() for text in stuck)
+
+
+def test_cycle_loop_goes_round_three_tool_calls() -> None:
+    fleet = simulate_fleet(80, 4)
+    cycling = [s for s in fleet.sessions if s.expected == LOOP_CYCLE]
+
+    assert cycling
+    for session in cycling:
+        tail = _tool_calls(session)[-30:]
+        assert len(set(tail)) == 3
+        assert all(tail[i] == tail[i + 3] for i in range(len(tail) - 3))
 
 
 def test_failing_tools_session_mostly_fails() -> None:
@@ -110,7 +173,7 @@ def test_batch_user_sessions_each_stay_under_the_token_budget_but_not_together()
     None
 ):
     fleet = simulate_fleet(
-        40, 3, session_token_budget=500_000, user_daily_tokens=5_000_000
+        80, 3, session_token_budget=500_000, user_daily_tokens=5_000_000
     )
     batch = [s for s in fleet.sessions if s.expected == USER_CAP]
     tokens = [sum(x.input_tokens + x.output_tokens for x in s.spans) for s in batch]
@@ -118,6 +181,19 @@ def test_batch_user_sessions_each_stay_under_the_token_budget_but_not_together()
     assert len({session.user_id for session in batch}) == 1
     assert max(tokens) < 500_000
     assert sum(tokens) > 5_000_000
+    # Few and heavy: 11 sessions is the least that can pass the cap.
+    assert len(batch) == 11
+
+
+def test_batch_follows_a_lower_daily_cap() -> None:
+    fleet = simulate_fleet(
+        40, 3, session_token_budget=500_000, user_daily_tokens=1_500_000
+    )
+    batch = [s for s in fleet.sessions if s.expected == USER_CAP]
+    tokens = [sum(x.input_tokens + x.output_tokens for x in s.spans) for s in batch]
+
+    assert len(batch) == 4
+    assert sum(tokens) > 1_500_000
 
 
 def test_too_few_sessions_is_a_config_error() -> None:
@@ -163,7 +239,7 @@ def test_scoreboard_report_flags_missed_runaways_and_false_kills() -> None:
 
 
 def test_scoreboard_user_kill_stops_the_users_running_and_later_sessions() -> None:
-    fleet = simulate_fleet(40, 3)
+    fleet = simulate_fleet(80, 3)
     batch = [s for s in fleet.sessions if s.expected == USER_CAP]
     board = Scoreboard(fleet, lambda span: 0.0)
     running = batch[0]
@@ -190,7 +266,26 @@ def test_scoreboard_records_alerts_once() -> None:
         Scope.SESSION, session.session_id, "tool_error_rate", "warning", "m", 0.0
     )
 
+    board.ran(session.spans[0])
     board.decide(alert)
     board.decide(alert)
 
-    assert board.scores[session.session_id].alerts == ["tool_error_rate"]
+    score = board.scores[session.session_id]
+    assert score.alerts == ["tool_error_rate"]
+    assert score.alerted_at_step == score.steps_run
+
+
+def test_report_lists_alerted_healthy_sessions_as_false_alerts() -> None:
+    fleet = simulate_fleet(10, 2)
+    healthy = next(s for s in fleet.sessions if s.expected == HEALTHY)
+    board = Scoreboard(fleet, lambda span: 0.0)
+
+    board.decide(
+        Alert.create(
+            Scope.SESSION, healthy.session_id, "loop_tool_cycle", "warning", "m", 0.0
+        )
+    )
+    report = board.report()
+
+    assert [s.session.session_id for s in report.false_alerts] == [healthy.session_id]
+    assert not report.false_kills
