@@ -93,12 +93,15 @@ def worker_env(kafka_bootstrap: str, tmp_path: Path) -> Iterator[dict[str, str]]
         asyncio.run(_delete_topics(kafka_bootstrap, prefix))
 
 
+@pytest.mark.parametrize(
+    "fleet", [["--sessions", "20", "--seed", "3"], []], ids=["small", "default"]
+)
 def test_demo_through_the_worker_catches_every_runaway(
-    worker_env: dict[str, str], kafka_bootstrap: str
+    worker_env: dict[str, str], kafka_bootstrap: str, fleet: list[str]
 ) -> None:
     command = [sys.executable, "-m", "tripwire", "demo", "--broker", kafka_bootstrap]
     demo = subprocess.run(
-        [*command, "--no-live", "--sessions", "20", "--seed", "3"],
+        [*command, "--no-live", *fleet],
         env=worker_env,
         capture_output=True,
         text=True,
@@ -108,7 +111,11 @@ def test_demo_through_the_worker_catches_every_runaway(
 
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "KILL" in demo.stdout
+    assert "Policy: the worker's own" in demo.stdout
     assert "PASS: every runaway session caught" in demo.stdout
+    if not fleet:
+        assert "loop_similarity" in demo.stdout
+        assert "killed by user_daily_tokens" in demo.stdout
 
 
 def test_demo_without_the_worker_topics_names_the_fix(kafka_bootstrap: str) -> None:

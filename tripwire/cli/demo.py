@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import shutil
 import statistics
 import sys
@@ -150,6 +151,17 @@ def run(args: argparse.Namespace) -> int:
         ConfigError: a flag, the policy or the price file is invalid.
         TripwireError: the record file cannot be written, or the broker fails.
     """
+    try:
+        return _run(args)
+    except BrokenPipeError:
+        # The reader left (``tripwire demo | head``): stop without a traceback,
+        # and keep the interpreter's final flush from failing again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.speed is not None and args.speed <= 0:
         raise ConfigError(
             f"--speed must be > 0, got {args.speed}: 10 plays ten times faster "
@@ -172,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     live = not args.no_live and sys.stdout.isatty()
     speed = args.speed
     if speed is None and live:
-        speed = max(fleet.duration_s / _LIVE_SECONDS, 1.0)
+        speed = max(played_duration(fleet) / _LIVE_SECONDS, 1.0)
     note = describe_policy(detector.policy, broker=bool(args.broker))
     view: View = (LiveView if live else EventLog)(board, sys.stdout, note)
     view.start()
@@ -189,6 +201,27 @@ def run(args: argparse.Namespace) -> int:
     report = board.report()
     sys.stdout.write(format_report(board, report))
     return 0 if report.passed else 1
+
+
+def played_duration(fleet: Fleet) -> float:
+    """Return the event-time seconds a demo run is expected to last.
+
+    Runaway sessions are stopped long before their full run would end, so the
+    run lasts until the sessions that should run to the end have ended: the
+    healthy ones and the batch user's. Pacing by this, rather than by the
+    full run, fits what is actually played into the wanted wall time.
+    """
+    spans = [span for session in fleet.sessions for span in session.spans]
+    if not spans:
+        return 0.0
+    ordinary = [
+        span.end_time
+        for session in fleet.sessions
+        if session.expected in (HEALTHY, USER_CAP)
+        for span in session.spans
+    ]
+    end = max(ordinary) if ordinary else max(span.end_time for span in spans)
+    return end - min(span.start_time for span in spans)
 
 
 def play(
@@ -298,9 +331,12 @@ async def play_on_broker(
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
     from aiokafka.errors import KafkaError
 
+    if not logger.isEnabledFor(logging.DEBUG):
+        # The Kafka client's start-up chatter would scroll over the live view.
+        logging.getLogger("aiokafka").setLevel(logging.WARNING)
     settings = load_settings(overrides={"broker": url})
     topics = settings.topics
-    speed = speed or max(fleet.duration_s / _BROKER_SECONDS, 1.0)
+    speed = speed or max(played_duration(fleet) / _BROKER_SECONDS, 1.0)
     servers = settings.bootstrap_servers
     consumer = AIOKafkaConsumer(
         bootstrap_servers=servers,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import IO
 
 import pytest
 
 from tripwire.cli import main
-from tripwire.cli.demo import EventLog, LiveView, play
+from tripwire.cli.demo import EventLog, LiveView, play, played_duration
 from tripwire.schemas.native import iter_native_lines
 from tripwire.streams.core import Detector
 from tripwire.streams.embedded import EmbeddedRuntime
@@ -16,6 +17,7 @@ from tripwire.streams.policy import Policy
 from tripwire.streams.pricing import PriceBook
 from tripwire.streams.simulate import (
     BUDGET,
+    HEALTHY,
     LOOP,
     LOOP_CYCLE,
     LOOP_TEXT,
@@ -273,3 +275,48 @@ def test_event_log_prints_one_line_per_decision(tmp_path: Path) -> None:
     assert len(lines) == 2 + view.kills + view.alerts
     assert lines[1].startswith("Ground truth: ")
     assert all(" KILL " in line or " ALERT " in line for line in lines[2:])
+
+
+def test_live_pacing_follows_the_sessions_that_run_to_the_end() -> None:
+    fleet = simulate_fleet(80, 7)
+    origin = min(span.start_time for s in fleet.sessions for span in s.spans)
+    healthy_end = max(
+        span.end_time
+        for session in fleet.sessions
+        if session.expected == HEALTHY
+        for span in session.spans
+    )
+
+    played = played_duration(fleet)
+
+    assert healthy_end - origin <= played < fleet.duration_s / 2
+
+
+class _ClosedPipe:
+    """A stdout whose reader has gone, as ``tripwire demo | head`` leaves it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+def test_a_closed_pipe_ends_the_demo_with_code_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with (tmp_path / "stdout").open("w") as sink:
+        monkeypatch.setattr(sys, "stdout", _ClosedPipe(sink.fileno()))
+
+        code = main(["demo", "--no-live", "--sessions", "8"])
+
+    assert code == 1
