@@ -60,7 +60,7 @@ _EPILOG = """\
 examples:
   tripwire demo
   tripwire demo --sessions 200 --seed 3 --no-live
-  tripwire demo --set loop_repeat_min=3 --set max_depth=3
+  tripwire demo --set loop_tool_cycle_action=kill --set max_depth=3
   tripwire demo --broker kafka://127.0.0.1:9092
 
 Exit code 0 when every runaway session was caught and no healthy session was
