@@ -337,6 +337,7 @@ def simulate_fleet(
     rng = random.Random(seed)
     users = [f"user-{rng.randrange(1000, 9999)}" for _ in range(max(3, sessions // 4))]
     loops = max(1, round(sessions * 0.10))
+    # Dealt in turn: loop, loop_text, loop_cycle, loop, ...
     counts = {
         kind: len(range(index, loops, len(LOOP_KINDS)))
         for index, kind in enumerate(LOOP_KINDS)
@@ -347,10 +348,12 @@ def simulate_fleet(
         RECURSION: 1,
     }
     room = sessions - sum(counts.values())
-    batch = _batch_sessions(rng, start_time, session_token_budget, user_daily_tokens)
-    runaways = sessions - room + len(batch)
-    if room - len(batch) < _HEALTHY_RATIO * runaways:
-        batch = []
+    # The most batch sessions that leave healthy ones _HEALTHY_RATIO times
+    # as many as the runaways.
+    most = int((room - _HEALTHY_RATIO * (sessions - room)) / (1 + _HEALTHY_RATIO))
+    batch = _batch_sessions(
+        rng, start_time, session_token_budget, user_daily_tokens, most
+    )
     counts[HEALTHY] = room - len(batch)
 
     built = list(batch)
@@ -368,18 +371,27 @@ def simulate_fleet(
 
 
 def _batch_sessions(
-    rng: random.Random, start_time: float, session_tokens: int, user_tokens: int
+    rng: random.Random,
+    start_time: float,
+    session_tokens: int,
+    user_tokens: int,
+    most: int,
 ) -> list[SimulatedSession]:
     """Return one user's batch of heavy sessions that together pass the token cap.
 
     Each session reads nearly a session token budget, so the batch holds as
     few sessions as the cap allows (11 at the default 500,000 and 5,000,000).
+    When that takes more than ``most`` sessions, there is no batch.
     """
+    if most < 1:
+        return []
     user = f"user-{rng.randrange(10000, 99999)}"
     start = start_time + rng.uniform(20.0, 60.0)
     batch: list[SimulatedSession] = []
     used = 0
     while used <= user_tokens:
+        if len(batch) == most:
+            return []
         target = int(session_tokens * rng.uniform(*_BATCH_SHARE))
         builder = _SessionBuilder(rng, user, USER_CAP, start + rng.uniform(0.0, 10.0))
         batch.append(builder.build(target))
