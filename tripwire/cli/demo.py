@@ -78,8 +78,8 @@ def register(subparsers: Any) -> None:
             "loop (repeating a tool call, rewording one thought, or cycling through "
             "tool calls), burn budget, fight failing tools or recurse, and one "
             "user may go over the daily token cap. Run their spans through the "
-            "detector "
-            "(in-process, or through a Tripwire worker with --broker), stop each "
+            "detector (in-process, or through a Tripwire worker with --broker), "
+            "stop each "
             "session the moment a kill command names it, and compare what "
             "Tripwire caught with the simulated ground truth.",
             width=78,
@@ -495,6 +495,11 @@ def describe_policy(policy: Policy, *, broker: bool = False) -> str:
         policy: the policy the demo was built with.
         broker: the decisions come from a worker, which has a policy of its own.
     """
+    if broker:
+        return (
+            "Policy: the worker's own; the settings here only price spans and "
+            "size the batch user"
+        )
     defaults = Policy().settings()
     changed = [
         f"{name}={_show(value)} (default {_show(defaults[name])})"
@@ -503,11 +508,6 @@ def describe_policy(policy: Policy, *, broker: bool = False) -> str:
     ]
     if policy.agents:
         changed.append("overrides for agents " + ", ".join(sorted(policy.agents)))
-    if broker:
-        return (
-            "Policy: the worker's own; the settings here only price spans and "
-            "size the batch user"
-        )
     if not changed:
         return "Policy: the defaults (docs/detection.md)"
     return "Policy: the defaults, except " + "; ".join(changed)
