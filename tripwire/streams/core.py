@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -61,21 +60,6 @@ _SEVERITY = {
     "unknown_model": "info",
 }
 
-_SessionRule = Callable[[SessionState, Policy], Trip | None]
-_UserRule = Callable[[UserDayState, Policy], Trip | None]
-# Rules over session totals, checked after every counted span.
-_TOTAL_RULES: tuple[tuple[int, _SessionRule], ...] = (
-    (RULE_BIT["step_budget"], rules.step_budget),
-    (RULE_BIT["tool_call_budget"], rules.tool_call_budget),
-    (RULE_BIT["token_budget"], rules.token_budget),
-    (RULE_BIT["session_cost_budget"], rules.session_cost_budget),
-    (RULE_BIT["burn_rate"], rules.burn_rate),
-    (RULE_BIT["recursion_depth"], rules.recursion_depth),
-)
-_USER_RULES: tuple[tuple[int, _UserRule], ...] = (
-    (RULE_BIT["user_daily_tokens"], rules.user_daily_tokens),
-    (RULE_BIT["user_daily_cost"], rules.user_daily_cost),
-)
 _TOOL_ERROR_RATE = RULE_BIT["tool_error_rate"]
 _LOOP_REPEAT_TOOL = RULE_BIT["loop_repeat_tool"]
 _LOOP_TOOL_CYCLE = RULE_BIT["loop_tool_cycle"]
@@ -163,10 +147,16 @@ class Detector:
             return state, SpanOutcome([], None, True, None)
 
         state.remember(key)
-        policy = self.policy.for_agent(span.agent_name or state.agent_name)
+        policy = self.policy
+        if policy.agents:
+            policy = policy.for_agent(span.agent_name or state.agent_name)
         cost = self.prices.cost(span)
         nano = to_nano(cost.cost_usd)
-        tokens = max(0, span.input_tokens) + max(0, span.output_tokens)
+        input_tokens = span.input_tokens
+        output_tokens = span.output_tokens
+        tokens = (input_tokens if input_tokens > 0 else 0) + (
+            output_tokens if output_tokens > 0 else 0
+        )
         self._count(state, span, policy, key, nano, tokens, cost)
 
         trips = self._session_trips(state, span, policy, cost)
@@ -203,13 +193,13 @@ class Detector:
 
         state.tokens += usage.tokens
         state.cost_nano += to_nano(usage.cost_usd)
-        policy = self.policy.for_agent(usage.agent_name)
+        policy = self.policy
+        if policy.agents:
+            policy = policy.for_agent(usage.agent_name)
         pending = policy.pending(state.killed, state.alerted)
-        trips = [
-            trip
-            for bit, check in _USER_RULES
-            if pending & bit and (trip := check(state, policy)) is not None
-        ]
+        trips = rules.user_day_trips(state, policy, pending)
+        if not trips:
+            return state, []
         decisions = [self._user_decision(state, usage, policy, t) for t in trips]
         return state, [decision for decision in decisions if decision is not None]
 
@@ -225,12 +215,16 @@ class Detector:
         tokens: int,
         cost: CostBreakdown,
     ) -> None:
-        if state.spans == 0:
-            state.first_at = span.start_time
-            state.last_at = span.end_time
+        start = span.start_time
+        end = span.end_time
+        if state.llm_calls or state.tool_calls or state.agent_spans:
+            first = state.first_at
+            last = state.last_at
+            state.first_at = start if start < first else first
+            state.last_at = end if end > last else last
         else:
-            state.first_at = min(state.first_at, span.start_time)
-            state.last_at = max(state.last_at, span.end_time)
+            state.first_at = start
+            state.last_at = end
         if state.user_id is None:
             state.user_id = span.user_id
         if state.agent_name is None:
@@ -240,7 +234,7 @@ class Detector:
         state.cost_nano += nano
         if not cost.priced:
             state.unpriced += 1
-        rules.add_burn(state, policy, span.end_time, nano)
+        rules.add_burn(state, policy, end, nano)
 
         kind = span.kind
         if kind is SpanKind.LLM:
@@ -250,12 +244,12 @@ class Detector:
         else:
             state.agent_spans += 1
 
-        if span.depth is not None:
-            state.depth = max(state.depth, span.depth)
-        elif kind is SpanKind.AGENT or state.links:
+        depth = span.depth
+        if depth is None and (kind is SpanKind.AGENT or state.links):
             parent = span_key(span.parent_span_id) if span.parent_span_id else NO_PARENT
             depth = rules.link_depth(state, key, parent, kind is SpanKind.AGENT)
-            state.depth = max(state.depth, depth)
+        if depth is not None and depth > state.depth:
+            state.depth = depth
 
     def _session_trips(
         self,
@@ -265,20 +259,22 @@ class Detector:
         cost: CostBreakdown,
     ) -> list[Trip]:
         pending = policy.pending(state.killed, state.alerted)
-        trips = [
-            trip
-            for bit, check in _TOTAL_RULES
-            if pending & bit and (trip := check(state, policy)) is not None
-        ]
+        trips = rules.session_total_trips(state, policy, pending)
 
-        if span.kind is SpanKind.TOOL:
+        kind = span.kind
+        if kind is SpanKind.TOOL:
             trips.extend(self._tool_trips(state, span, policy, pending))
-        elif span.kind is SpanKind.LLM:
+        elif kind is SpanKind.LLM:
             if not cost.priced and pending & _UNKNOWN_MODEL:
                 trips.append(_unknown_model(span, state))
-            trip = self._output_trip(state, span, policy, pending)
-            if trip is not None:
-                trips.append(trip)
+            # Once the rule has fired (or is off) the output window is never
+            # read again in this session: skip the embedding altogether.
+            if pending & _LOOP_SIMILARITY and (
+                span.output_text or span.output_code or span.embedding
+            ):
+                trip = self._output_trip(state, span, policy)
+                if trip is not None:
+                    trips.append(trip)
         return trips
 
     def _tool_trips(
@@ -299,13 +295,8 @@ class Detector:
         return [trip for trip in found if trip is not None]
 
     def _output_trip(
-        self, state: SessionState, span: SpanEvent, policy: Policy, pending: int
+        self, state: SessionState, span: SpanEvent, policy: Policy
     ) -> Trip | None:
-        # Once the rule has fired (or is off) the output window is never
-        # read again in this session: skip the embedding altogether.
-        if not pending & _LOOP_SIMILARITY:
-            return None
-
         code = self._text_code(span)
         sketch = code.sketch if code is not None else ()
         vector: bytes | None = None
@@ -392,15 +383,17 @@ class Detector:
         if user_id is None or (tokens == 0 and nano == 0):
             return None
 
+        end = span.end_time
+        # Positional in Usage's field order: keywords cost time on every span.
         return Usage(
-            user_id=user_id,
-            day=self._day(span.end_time),
-            session_id=span.session_id,
-            agent_name=span.agent_name or state.agent_name,
-            tokens=tokens,
-            cost_usd=from_nano(nano),
-            at=span.end_time,
-            span_id=span.span_id,
+            user_id,
+            self._day(end),
+            span.session_id,
+            span.agent_name or state.agent_name,
+            tokens,
+            from_nano(nano),
+            end,
+            span.span_id,
         )
 
     def _day(self, at: float) -> str:

@@ -39,12 +39,22 @@ _WORD_BYTES = set(b"abcdefghijklmnopqrstuvwxyz0123456789'") | set(range(128, 256
 _SEPARATE = bytes(b if b in _WORD_BYTES else 32 for b in range(256))
 _MASK64 = (1 << 64) - 1
 _MIX_INT = 0x9E3779B97F4A7C15
-_MIX = np.uint64(_MIX_INT)
-_BIGRAM = np.uint64(0xC2B2AE3D27D4EB4F)
+_BIGRAM_MIX = 0xC2B2AE3D27D4EB4F * _MIX_INT & _MASK64
 _WORD_CACHE_SIZE = 16_384
-# Word hashes are little-endian BLAKE2b digests on every machine.
+# Quantisation tables are cached for peaks up to this weight (4 KB at most).
+_TABLE_PEAK = 2048
+_TABLE_CACHE_SIZE = 256
+_KEY_PAIR = struct.Struct("<QQ")
+# What the embedder caches of a word (a raw token): its feature slots
+# (2 * bucket + sign), packed as native uint16 and each repeated as often as
+# it weighs, so a text's slots are one bytes.join away; for a content word,
+# its digest times BIGRAM * MIX and times MIX (mod 2**64), 16 little-endian
+# bytes, and its sketch hash, the top 16 bits of the latter. A function word
+# or a number has no keys and _NO_SKETCH.
+_Word = tuple[bytes, bytes, int]
 _LITTLE_U64 = np.dtype("<u8")
-_SKETCH_SHIFT = np.uint64(48)
+_SKETCH_SHIFT = 48
+_NO_SKETCH = -1
 
 _STOPWORD_TEXT = """
     a about above after again against all also am an and another any are as at
@@ -184,6 +194,8 @@ class TextEmbedder:
         self._slot_shift = 64 - dim.bit_length()
         self._shift = np.uint64(self._slot_shift)
         self._words: dict[bytes, _Word] = {}
+        # Quantised level of each net weight, per peak weight.
+        self._tables: dict[int, npt.NDArray[np.int8]] = {}
 
     def embed(self, text: str) -> npt.NDArray[np.float64] | None:
         """Return the L2-normalised embedding of ``text``; None if it has no words."""
@@ -224,82 +236,109 @@ class TextEmbedder:
         found = self._counts(text)
         if found is None:
             return None
-        net, content = found
-        size = np.abs(net)
-        peak = int(size.max())
+        net, sketches = found
+        peak = int(np.abs(net).max())
         if peak == 0:
             return None
-        # The embedding's entries are sign(x) * log1p(|x|), x = net / units;
-        # the largest is scaled to +-127.
-        scale = 127 / math.log1p(peak / _WORD_UNITS)
-        scaled = np.copysign(np.log1p(size / _WORD_UNITS) * scale, net)
-        quantised = np.rint(scaled).astype(np.int8).tobytes()
-        sketch = np.unique((content * _MIX) >> _SKETCH_SHIFT)[:sketch_size]
-        return TextCode(quantised, tuple(sketch.tolist()))
+
+        if peak <= _TABLE_PEAK:
+            table = self._tables.get(peak)
+            if table is None:
+                table = self._table(peak)
+            quantised = table[net + peak].tobytes()
+        else:
+            quantised = _quantise_levels(net, peak).tobytes()
+        distinct = set(sketches)
+        distinct.discard(_NO_SKETCH)
+        return TextCode(quantised, tuple(sorted(distinct)[:sketch_size]))
 
     def _counts(
         self, text: str
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]] | None:
-        """Return the net weight units per bucket, and the content-word hashes."""
-        tokens = text[: self.max_chars].lower().encode("utf-8").translate(_SEPARATE)
-        raw = tokens.split()
+    ) -> tuple[npt.NDArray[np.int64], tuple[int, ...]] | None:
+        """Return the net weight units per bucket, and each word's sketch hash.
+
+        A function word or number has ``_NO_SKETCH`` for a sketch hash.
+        """
+        tokens = text[: self.max_chars].lower().encode("utf-8", "surrogatepass")
+        raw = tokens.translate(_SEPARATE).split()
         if not raw:
             return None
 
-        lookup = self._words.get
-        words = [lookup(token) or self._learn(token) for token in raw]
-        size = 2 * self.dim
-        slots = np.frombuffer(b"".join([word.slots for word in words]), np.uint16)
-        counts = np.bincount(slots, minlength=size)
-        # Content words only: function words and numbers have an empty key.
-        hashes = np.frombuffer(b"".join([word.key for word in words]), _LITTLE_U64)
-        if hashes.size > 1:
-            bigrams = (hashes[:-1] * _BIGRAM + hashes[1:]) * _MIX
-            pairs = (bigrams >> self._shift).astype(np.intp)
-            counts += _BIGRAM_UNITS * np.bincount(pairs, minlength=size)
+        # The cache is only ever cleared here, so every word of this text is
+        # in it once its missing words are learnt.
+        words = self._words
+        if len(words) >= _WORD_CACHE_SIZE:
+            words.clear()
+        try:
+            found = list(map(words.__getitem__, raw))
+        except KeyError:
+            learn = self._learn
+            found = [words.get(token) or learn(token) for token in raw]
+        slot_parts, key_parts, sketches = zip(*found, strict=True)
+        slots = b"".join(slot_parts)
+        # Content words only: function words and numbers have empty keys.
+        keys = np.frombuffer(b"".join(key_parts), _LITTLE_U64)
+        if keys.size > 2:
+            # A bigram's key, (a * BIGRAM + b) * MIX, is the sum of the first
+            # word's ``a * BIGRAM * MIX`` and the second word's ``b * MIX``;
+            # its slots join the words' slots, repeated as often as it weighs.
+            pairs = (keys[0:-2:2] + keys[3::2]) >> self._shift
+            slots += pairs.astype(np.uint16).tobytes() * _BIGRAM_UNITS
+        counts = np.bincount(np.frombuffer(slots, np.uint16), minlength=2 * self.dim)
 
         # Slot 2b counts bucket b with a plus sign, slot 2b + 1 with a minus.
         net: npt.NDArray[np.int64] = counts[0::2] - counts[1::2]
-        return net, hashes
+        return net, sketches
 
     def _learn(self, token: bytes) -> _Word:
+        """Compute a word's feature slots and keys, and cache them."""
         text = token.decode("utf-8", "replace").strip("'")
         content = not (text in STOPWORDS or text.isdigit())
         if content:
             text = stem(text)
         stemmed = text.encode("utf-8") or b"'"
-        digest = hashlib.blake2b(stemmed, digest_size=8).digest()
-        hashed = int.from_bytes(digest, "little")
+        hashed = int.from_bytes(
+            hashlib.blake2b(stemmed, digest_size=8).digest(), "little"
+        )
 
         # Weights are whole units, so one bincount over repeated slots
         # counts a text: a word's own slot repeats as often as it weighs.
         units = _WORD_UNITS if content else _WEAK_UNITS
         slots = [self._slot(hashed)] * units
+        keys = b""
+        sketch = _NO_SKETCH
         if content:
             slots.extend(self._slot(key) for key in _gram_keys(b" " + stemmed + b" "))
-        word = _Word(key=digest if content else b"", slots=array("H", slots).tobytes())
-        if len(self._words) >= _WORD_CACHE_SIZE:
-            self._words.clear()
+            mixed = hashed * _MIX_INT & _MASK64
+            keys = _KEY_PAIR.pack(hashed * _BIGRAM_MIX & _MASK64, mixed)
+            sketch = mixed >> _SKETCH_SHIFT
+        word = (array("H", slots).tobytes(), keys, sketch)
         self._words[token] = word
         return word
+
+    def _table(self, peak: int) -> npt.NDArray[np.int8]:
+        """Return (and cache) the quantised level of every net weight up to ``peak``."""
+        if len(self._tables) >= _TABLE_CACHE_SIZE:
+            self._tables.clear()
+        table = _quantise_levels(np.arange(-peak, peak + 1, dtype=np.int64), peak)
+        self._tables[peak] = table
+        return table
 
     def _slot(self, key: int) -> int:
         """Return ``2 * bucket + sign`` of a 64-bit feature key."""
         return (key * _MIX_INT & _MASK64) >> self._slot_shift
 
 
-@dataclass(frozen=True, slots=True)
-class _Word:
-    """What the embedder caches of a word: its features, ready to count.
+def _quantise_levels(net: npt.NDArray[np.int64], peak: int) -> npt.NDArray[np.int8]:
+    """Return ``sign(x) * log1p(|x| / units)`` of each weight ``x``, as int8.
 
-    ``key`` is the stem's 8-byte BLAKE2b digest for a content word, empty for
-    a function word or a number. ``slots`` are the word's feature slots
-    (``2 * bucket + sign``) packed as native uint16, each repeated as many
-    times as it weighs, so a text's slots are one ``bytes.join`` away.
+    The levels are scaled so that a weight of ``peak`` maps to 127 (cosines
+    do not depend on the scale).
     """
-
-    key: bytes
-    slots: bytes
+    scale = 127 / math.log1p(peak / _WORD_UNITS)
+    scaled = np.copysign(np.log1p(np.abs(net) / _WORD_UNITS) * scale, net)
+    levels: npt.NDArray[np.int8] = np.rint(scaled).astype(np.int8)
+    return levels
 
 
 def stem(word: str) -> str:
@@ -342,14 +381,28 @@ def quantise(vector: npt.NDArray[np.floating[Any]]) -> bytes:
     return bytes(np.rint(vector * (127 / peak)).astype(np.int8).tobytes())
 
 
-def int8_cosines(stored: bytes | bytearray, newest: bytes) -> list[float]:
+def int8_cosines(
+    stored: bytes | bytearray, newest: bytes, row_bytes: int | None = None
+) -> list[float]:
     """Return the cosine of ``newest`` with each int8 vector packed in ``stored``.
 
     An all-zero vector (which :class:`TextEmbedder` never produces) has
     cosine 0 with everything.
+
+    Args:
+        stored: the vectors, one per row of ``row_bytes``; a vector is the
+            last ``len(newest)`` bytes of its row.
+        newest: the vector to compare with each of them.
+        row_bytes: bytes per row, at least ``len(newest)``; by default
+            ``len(newest)``, the vectors packed back to back.
     """
-    matrix = np.frombuffer(bytes(stored) + newest, np.int8).astype(np.float64)
-    matrix = matrix.reshape(-1, len(newest))
+    size = len(newest)
+    row = row_bytes or size
+    # The newest vector goes in as one more row, so that one product of the
+    # matrix with its transpose gives every dot product and squared norm.
+    packed = bytes(stored) + bytes(row - size) + newest
+    rows = np.frombuffer(packed, np.int8).reshape(-1, row)
+    matrix = rows[:, row - size :].astype(np.float64)
     gram = matrix @ matrix.T
     dots: list[float] = gram[-1].tolist()
     squares: list[float] = gram.diagonal().tolist()
@@ -390,10 +443,20 @@ def bit_code(embedding: Sequence[float]) -> bytes | None:
     return bytes(np.packbits(rotated[:BIT_CODE_BITS] > 0).tobytes())
 
 
-def bit_cosines(stored: bytes | bytearray, newest: bytes) -> list[float]:
-    """Return the estimated cosine of ``newest`` with each bit code in ``stored``."""
+def bit_cosines(
+    stored: bytes | bytearray, newest: bytes, row_bytes: int | None = None
+) -> list[float]:
+    """Return the estimated cosine of ``newest`` with each bit code in ``stored``.
+
+    Args:
+        stored: the codes, one per row of ``row_bytes``; a code is the last
+            ``len(newest)`` bytes of its row.
+        newest: the code to compare with each of them.
+        row_bytes: bytes per row; by default ``len(newest)``.
+    """
     new = np.frombuffer(newest, np.uint8)
-    rows = np.frombuffer(bytes(stored), np.uint8).reshape(-1, new.size)
+    row = row_bytes or new.size
+    rows = np.frombuffer(bytes(stored), np.uint8).reshape(-1, row)[:, row - new.size :]
     differing = np.bitwise_count(rows ^ new).sum(axis=1)
     cosines: list[float] = np.cos(np.pi * differing / (8 * new.size)).tolist()
     return cosines

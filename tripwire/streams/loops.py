@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import struct
-from array import array
 
 from tripwire.streams.embedder import bit_cosines, int8_cosines
 from tripwire.streams.policy import MAX_OUTPUT_WINDOW, MAX_TOOL_WINDOW, Policy
@@ -96,7 +95,8 @@ def tool_cycle(state: SessionState, policy: Policy) -> Trip | None:
         if len(tools) < need:
             break
         tail = tools[-need:]
-        if NO_IDENTITY in tail or not _periodic(tail, period):
+        # Periodic: every call equals the one ``period`` calls later.
+        if tail[period:] != tail[:-period] or NO_IDENTITY in tail:
             continue
         block = tail[:period]
         if len(set(block)) < 2:
@@ -113,12 +113,6 @@ def tool_cycle(state: SessionState, policy: Policy) -> Trip | None:
             },
         )
     return None
-
-
-def _periodic(tail: array[int], period: int) -> bool:
-    return all(
-        tail[index] == tail[index + period] for index in range(len(tail) - period)
-    )
 
 
 def substituted(older: tuple[int, ...], newer: tuple[int, ...]) -> int:
@@ -171,28 +165,39 @@ def similar_outputs(
         The trip with the scores as evidence, or None.
     """
     outputs = state.outputs
-    count = len(outputs) // OUTPUT_SLOT_BYTES
-    starts = [
-        start
-        for start in range(
-            max(0, count - policy.loop_similar_window) * OUTPUT_SLOT_BYTES,
-            len(outputs),
-            OUTPUT_SLOT_BYTES,
-        )
-        if outputs[start] == kind
-    ]
-    if len(starts) < policy.loop_similar_min:
+    first = max(0, len(outputs) // OUTPUT_SLOT_BYTES - policy.loop_similar_window)
+    first *= OUTPUT_SLOT_BYTES
+    kinds = outputs[first::OUTPUT_SLOT_BYTES]
+    compared = kinds.count(kind)
+    if compared < policy.loop_similar_min:
         return None
 
-    stored = b"".join(
-        [outputs[start + _VECTOR_START : start + OUTPUT_SLOT_BYTES] for start in starts]
-    )
+    starts: range | list[int]
+    if compared == len(kinds):
+        # One kind only, as in nearly every session: compare the slots as
+        # they lie, each vector at the end of its slot.
+        starts = range(first, len(outputs), OUTPUT_SLOT_BYTES)
+        stored = outputs[first:]
+        row: int | None = OUTPUT_SLOT_BYTES
+    else:
+        starts = [
+            start
+            for start in range(first, len(outputs), OUTPUT_SLOT_BYTES)
+            if outputs[start] == kind
+        ]
+        stored = bytearray().join(
+            [
+                outputs[start + _VECTOR_START : start + OUTPUT_SLOT_BYTES]
+                for start in starts
+            ]
+        )
+        row = None
     if kind == OUTPUT_KIND_TEXT:
         threshold = policy.loop_similarity_text
-        scores = int8_cosines(stored, vector)
+        scores = int8_cosines(stored, vector, row)
     else:
         threshold = policy.loop_similarity_vector
-        scores = bit_cosines(stored, vector)
+        scores = bit_cosines(stored, vector, row)
 
     matches = 0
     swapped = 0

@@ -158,6 +158,7 @@ class Policy:
     )
     kill_mask: int = field(init=False, compare=False, repr=False, default=0)
     alert_mask: int = field(init=False, compare=False, repr=False, default=0)
+    burn_buckets: int = field(init=False, compare=False, repr=False, default=0)
 
     def __post_init__(self) -> None:
         _check_consistency(self, "policy")
@@ -170,9 +171,11 @@ class Policy:
                 kill_mask |= RULE_BIT[rule]
             else:
                 alert_mask |= RULE_BIT[rule]
-        # Frozen, but these two are derived from the fields just checked.
+        # Frozen, but these are derived from the fields just checked.
         object.__setattr__(self, "kill_mask", kill_mask)
         object.__setattr__(self, "alert_mask", alert_mask)
+        buckets = math.ceil(self.burn_rate_window_s / self.burn_rate_bucket_s)
+        object.__setattr__(self, "burn_buckets", max(1, buckets))
 
     def pending(self, killed: int, alerted: int) -> int:
         """Return the bits of the enabled rules that have not fired yet.

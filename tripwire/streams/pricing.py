@@ -36,6 +36,7 @@ _VENDOR_PREFIX = re.compile(
 _RESOLVE_CACHE_SIZE = 4096
 _UNKNOWN_NAMES_MAX = 1000
 _MISSING_MODEL = "<missing>"
+_UNRESOLVED = "\x00unresolved"
 _OTHER_MODELS = "<other>"
 
 
@@ -65,6 +66,10 @@ class CostBreakdown:
     model_key: str | None
     priced: bool
     source: str
+
+
+# The cost of a tool or agent span that names no model and reports none.
+_FREE = CostBreakdown(0.0, None, True, "price_book")
 
 
 class PriceBook:
@@ -161,8 +166,9 @@ class PriceBook:
             The family key, or None when no key matches.
         """
         cache_key = (model, provider)
-        if cache_key in self._resolved:
-            return self._resolved[cache_key]
+        key = self._resolved.get(cache_key, _UNRESOLVED)
+        if key is not _UNRESOLVED:
+            return key
 
         key = self._resolve_uncached(model, provider)
 
@@ -194,6 +200,8 @@ class PriceBook:
             return CostBreakdown(float(explicit), model_key, True, "explicit")
 
         if span.kind is not SpanKind.LLM:
+            if model_key is None:
+                return _FREE
             return CostBreakdown(0.0, model_key, True, "price_book")
 
         price = self.prices.get(model_key) if model_key is not None else None
@@ -250,11 +258,13 @@ def price_tokens(price: ModelPrice, span: SpanEvent) -> float:
     Returns:
         The cost in USD.
     """
-    input_tokens = max(0, span.input_tokens)
-    cache_read = max(0, span.cache_read_tokens)
-    cache_creation = max(0, span.cache_creation_tokens)
-    output_tokens = max(0, span.output_tokens)
-    uncached = max(0, input_tokens - cache_read - cache_creation)
+    # Conditional expressions, not max(): this runs for every LLM span.
+    input_tokens = span.input_tokens if span.input_tokens > 0 else 0
+    cache_read = span.cache_read_tokens if span.cache_read_tokens > 0 else 0
+    cache_creation = span.cache_creation_tokens if span.cache_creation_tokens > 0 else 0
+    output_tokens = span.output_tokens if span.output_tokens > 0 else 0
+    uncached = input_tokens - cache_read - cache_creation
+    uncached = uncached if uncached > 0 else 0
 
     micro = (
         uncached * price.input

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from tripwire.streams.policy import MAX_ERROR_WINDOW, Policy
+from tripwire.streams.policy import MAX_ERROR_WINDOW, RULE_BIT, Policy
 from tripwire.streams.state import (
     ID_BYTES,
     LINK_BYTES,
@@ -21,6 +20,14 @@ from tripwire.streams.state import (
 logger = logging.getLogger(__name__)
 
 _ERROR_MASK = (1 << MAX_ERROR_WINDOW) - 1
+_STEP_BUDGET = RULE_BIT["step_budget"]
+_TOOL_CALL_BUDGET = RULE_BIT["tool_call_budget"]
+_TOKEN_BUDGET = RULE_BIT["token_budget"]
+_SESSION_COST_BUDGET = RULE_BIT["session_cost_budget"]
+_BURN_RATE = RULE_BIT["burn_rate"]
+_RECURSION_DEPTH = RULE_BIT["recursion_depth"]
+_USER_DAILY_TOKENS = RULE_BIT["user_daily_tokens"]
+_USER_DAILY_COST = RULE_BIT["user_daily_cost"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,22 +107,22 @@ def add_burn(state: SessionState, policy: Policy, end_time: float, nano: int) ->
     before the latest span) counts in the session total only.
     """
     bucket = int(end_time // policy.burn_rate_bucket_s)
-    buckets = _burn_buckets(policy)
     burn = state.burn
-    newest = max((burn[i] for i in range(0, len(burn), 2)), default=bucket)
-    newest = max(newest, bucket)
-    oldest_kept = newest - buckets + 1
-    if bucket < oldest_kept or nano == 0:
+    starts = burn[0::2]
+    newest = max(starts) if starts else bucket
+    newest = bucket if bucket > newest else newest
+    oldest_kept = newest - policy.burn_buckets + 1
+    if starts and min(starts) < oldest_kept:
         _evict_burn(state, oldest_kept)
+        starts = burn[0::2]
+    if bucket < oldest_kept or nano == 0:
         return
 
-    for index in range(0, len(burn), 2):
-        if burn[index] == bucket:
-            burn[index + 1] += nano
-            break
-    else:
+    # The bucket, when kept, is never one of those just evicted.
+    try:
+        burn[2 * starts.index(bucket) + 1] += nano
+    except ValueError:
         burn.extend((bucket, nano))
-    _evict_burn(state, oldest_kept)
 
 
 def burn_rate(state: SessionState, policy: Policy) -> Trip | None:
@@ -125,9 +132,7 @@ def burn_rate(state: SessionState, policy: Policy) -> Trip | None:
     latest one partly filled: it spans between ``window - bucket`` and
     ``window`` seconds of event time.
     """
-    burn = state.burn
-    window_nano = sum(burn[i] for i in range(1, len(burn), 2))
-    window_cost = from_nano(window_nano)
+    window_cost = from_nano(sum(state.burn[1::2]))
     if window_cost <= policy.burn_rate_usd:
         return None
 
@@ -155,6 +160,65 @@ def recursion_depth(state: SessionState, policy: Policy) -> Trip | None:
         f"{policy.max_depth}",
         {"depth": state.depth, "threshold": policy.max_depth},
     )
+
+
+def session_total_trips(
+    state: SessionState, policy: Policy, pending: int
+) -> list[Trip]:
+    """Return the trips of the rules over session totals, in rule order.
+
+    The rules checked are step, tool-call, token and cost budgets, burn rate
+    and recursion depth, those among ``pending`` (bits of ``RULE_BIT``).
+    It gives what calling each of them gives; the thresholds are compared
+    inline first, so the span that trips nothing, nearly every span, makes
+    no rule call.
+    """
+    if not (
+        (pending & _STEP_BUDGET and state.llm_calls > policy.step_budget)
+        or (pending & _TOOL_CALL_BUDGET and state.tool_calls > policy.tool_call_budget)
+        or (pending & _TOKEN_BUDGET and state.tokens > policy.token_budget)
+        or (
+            pending & _SESSION_COST_BUDGET
+            and from_nano(state.cost_nano) > policy.session_budget_usd
+        )
+        or (
+            pending & _BURN_RATE
+            and from_nano(sum(state.burn[1::2])) > policy.burn_rate_usd
+        )
+        or (pending & _RECURSION_DEPTH and state.depth > policy.max_depth)
+    ):
+        return []
+
+    found = (
+        step_budget(state, policy) if pending & _STEP_BUDGET else None,
+        tool_call_budget(state, policy) if pending & _TOOL_CALL_BUDGET else None,
+        token_budget(state, policy) if pending & _TOKEN_BUDGET else None,
+        session_cost_budget(state, policy) if pending & _SESSION_COST_BUDGET else None,
+        burn_rate(state, policy) if pending & _BURN_RATE else None,
+        recursion_depth(state, policy) if pending & _RECURSION_DEPTH else None,
+    )
+    return [trip for trip in found if trip is not None]
+
+
+def user_day_trips(state: UserDayState, policy: Policy, pending: int) -> list[Trip]:
+    """Return the trips of the daily user caps among ``pending``, in rule order.
+
+    Like :func:`session_total_trips`, thresholds are compared inline first.
+    """
+    if not (
+        (pending & _USER_DAILY_TOKENS and state.tokens > policy.user_daily_tokens)
+        or (
+            pending & _USER_DAILY_COST
+            and from_nano(state.cost_nano) > policy.user_daily_budget_usd
+        )
+    ):
+        return []
+
+    found = (
+        user_daily_tokens(state, policy) if pending & _USER_DAILY_TOKENS else None,
+        user_daily_cost(state, policy) if pending & _USER_DAILY_COST else None,
+    )
+    return [trip for trip in found if trip is not None]
 
 
 def add_tool_status(state: SessionState, failed: bool) -> None:
@@ -290,10 +354,6 @@ def user_daily_cost(state: UserDayState, policy: Policy) -> Trip | None:
             "threshold_usd": policy.user_daily_budget_usd,
         },
     )
-
-
-def _burn_buckets(policy: Policy) -> int:
-    return max(1, math.ceil(policy.burn_rate_window_s / policy.burn_rate_bucket_s))
 
 
 def _evict_burn(state: SessionState, oldest_kept: int) -> None:

@@ -34,6 +34,7 @@ LINK_CAPACITY = 8
 NO_PARENT = b"\x00" * ID_BYTES
 
 _NANO = 1_000_000_000
+_SESSION_SEEN_BYTES = SESSION_SEEN_CAPACITY * ID_BYTES
 _NONE_STR = 0xFFFF
 
 _SESSION_HEADER = struct.Struct("<BIIIQqIddIIHHQB")
@@ -78,6 +79,7 @@ class _IdRing:
     @staticmethod
     def contains(ring: bytearray, key: bytes) -> bool:
         index = ring.find(key)
+        # A match across two ids is rare: the first find nearly always decides.
         while index != -1:
             if index % ID_BYTES == 0:
                 return True
@@ -167,12 +169,17 @@ class SessionState:
 
     def has_seen(self, key: bytes) -> bool:
         """Return whether a span with this dedupe key was already counted."""
-        return _IdRing.contains(self.seen, key)
+        seen = self.seen
+        return key in seen and _IdRing.contains(seen, key)
 
     def remember(self, key: bytes) -> None:
         """Record a span's dedupe key, evicting the oldest when the ring is full."""
+        seen = self.seen
+        if len(seen) < _SESSION_SEEN_BYTES:
+            self.seen = seen + key
+            return
         self.seen, self.seen_position = _IdRing.add(
-            self.seen, key, self.seen_position, SESSION_SEEN_CAPACITY
+            seen, key, self.seen_position, SESSION_SEEN_CAPACITY
         )
 
     def encode(self) -> bytes:

@@ -26,7 +26,7 @@ from tripwire.schemas.native import (
 from tripwire.streams.embedder import TextCode, TextEmbedder
 
 T0 = 1_714_564_800.25
-CODE = TextEmbedder().wire_code("Looking it up in the quarterly report, then the Q3 tab.")
+CODE = TextEmbedder().wire_code("Looking it up in the report, then the Q3 tab.")
 assert CODE is not None
 
 

@@ -212,3 +212,20 @@ def test_full_sketch_code_fills_the_wire_limit() -> None:
 def test_codes_that_do_not_fit_the_wire_form_are_refused(code: TextCode) -> None:
     with pytest.raises(TextCodeError, match="256-byte vector"):
         code.to_wire()
+
+
+def test_text_with_a_lone_surrogate_is_encoded() -> None:
+    # Python strings from an SDK may hold one; the exporter must not fail.
+    code = TextEmbedder().encode("searching the report \ud800 again", 16)
+
+    assert code is not None
+    assert code.sketch
+
+
+def test_long_repeated_text_is_quantised_past_the_cached_tables() -> None:
+    # Net weights past the cached quantisation tables take the direct path.
+    code = TextEmbedder().encode("search " * 600, 16)
+
+    assert code is not None
+    assert np.abs(np.frombuffer(code.vector, np.int8)).max() == 127
+    assert TextCode.from_wire(code.to_wire()) == code

@@ -7,12 +7,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tripwire.schemas.events import Alert, KillCommand, Scope, SpanEvent, SpanKind
 from tripwire.schemas.events import ToolStatus as Status
+from tripwire.streams import rules
 from tripwire.streams.core import Decision, Detector
 from tripwire.streams.embedder import TextEmbedder, int8_cosines
-from tripwire.streams.policy import Policy
+from tripwire.streams.policy import RULE_BIT, RULES, Policy
 from tripwire.streams.pricing import PriceBook
 from tripwire.streams.state import SKETCH_SIZE, SessionState, UserDayState
 
@@ -332,3 +335,84 @@ def test_tool_error_rate_threshold(rate: float, fires: bool) -> None:
     if fires:
         assert fired[0].evidence["errors"] == 6
         assert fired[0].evidence["rate"] == 0.6
+
+
+# The rule groups the core calls: inline thresholds must agree with the rules.
+
+_SESSION_RULES = (
+    ("step_budget", rules.step_budget),
+    ("tool_call_budget", rules.tool_call_budget),
+    ("token_budget", rules.token_budget),
+    ("session_cost_budget", rules.session_cost_budget),
+    ("burn_rate", rules.burn_rate),
+    ("recursion_depth", rules.recursion_depth),
+)
+_USER_RULES = (
+    ("user_daily_tokens", rules.user_daily_tokens),
+    ("user_daily_cost", rules.user_daily_cost),
+)
+_SMALL_POLICY = Policy().with_overrides(
+    step_budget="3",
+    tool_call_budget="3",
+    token_budget="1000",
+    session_budget_usd="0.5",
+    burn_rate_usd="0.2",
+    max_depth="2",
+    user_daily_tokens="1000",
+    user_daily_budget_usd="0.5",
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    llm_calls=st.integers(0, 6),
+    tool_calls=st.integers(0, 6),
+    tokens=st.integers(0, 2000),
+    cost_nano=st.integers(0, 1_000_000_000),
+    burn=st.lists(st.integers(0, 150_000_000), max_size=4),
+    depth=st.integers(0, 4),
+    pending=st.integers(0, (1 << len(RULES)) - 1),
+)
+def test_session_total_trips_agree_with_each_rule(
+    llm_calls: int,
+    tool_calls: int,
+    tokens: int,
+    cost_nano: int,
+    burn: list[int],
+    depth: int,
+    pending: int,
+) -> None:
+    state = SessionState()
+    state.llm_calls, state.tool_calls, state.tokens = llm_calls, tool_calls, tokens
+    state.cost_nano, state.depth = cost_nano, depth
+    for bucket, nano in enumerate(burn):
+        state.burn.extend((bucket, nano))
+
+    expected = [
+        trip
+        for name, check in _SESSION_RULES
+        if pending & RULE_BIT[name] and (trip := check(state, _SMALL_POLICY))
+    ]
+
+    assert rules.session_total_trips(state, _SMALL_POLICY, pending) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    tokens=st.integers(0, 2000),
+    cost_nano=st.integers(0, 1_000_000_000),
+    pending=st.integers(0, (1 << len(RULES)) - 1),
+)
+def test_user_day_trips_agree_with_each_rule(
+    tokens: int, cost_nano: int, pending: int
+) -> None:
+    state = UserDayState("2025-06-15")
+    state.tokens, state.cost_nano = tokens, cost_nano
+
+    expected = [
+        trip
+        for name, check in _USER_RULES
+        if pending & RULE_BIT[name] and (trip := check(state, _SMALL_POLICY))
+    ]
+
+    assert rules.user_day_trips(state, _SMALL_POLICY, pending) == expected
