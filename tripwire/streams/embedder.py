@@ -44,17 +44,17 @@ _WORD_CACHE_SIZE = 16_384
 # Quantisation tables are cached for peaks up to this weight (4 KB at most).
 _TABLE_PEAK = 2048
 _TABLE_CACHE_SIZE = 256
+_MAXIMUM = np.maximum.reduce
 _KEY_PAIR = struct.Struct("<QQ")
 # What the embedder caches of a word (a raw token): its feature slots
 # (2 * bucket + sign), packed as native uint16 and each repeated as often as
-# it weighs, so a text's slots are one bytes.join away; for a content word,
-# its digest times BIGRAM * MIX and times MIX (mod 2**64), 16 little-endian
-# bytes, and its sketch hash, the top 16 bits of the latter. A function word
-# or a number has no keys and _NO_SKETCH.
-_Word = tuple[bytes, bytes, int]
+# it weighs, so a text's slots are one bytes.join away; and for a content
+# word its keys, its digest times BIGRAM * MIX and times MIX (mod 2**64) as
+# 16 little-endian bytes, empty for a function word or a number. The top 16
+# bits of the second key are the word's sketch hash.
+_Word = tuple[bytes, bytes]
 _LITTLE_U64 = np.dtype("<u8")
-_SKETCH_SHIFT = 48
-_NO_SKETCH = -1
+_LITTLE_U16 = np.dtype("<u2")
 
 _STOPWORD_TEXT = """
     a about above after again against all also am an and another any are as at
@@ -236,8 +236,8 @@ class TextEmbedder:
         found = self._counts(text)
         if found is None:
             return None
-        net, sketches = found
-        peak = int(np.abs(net).max())
+        net, keys = found
+        peak = int(_MAXIMUM(np.abs(net)))
         if peak == 0:
             return None
 
@@ -245,19 +245,19 @@ class TextEmbedder:
             table = self._tables.get(peak)
             if table is None:
                 table = self._table(peak)
-            quantised = table[net + peak].tobytes()
+            quantised = table[net].tobytes()
         else:
             quantised = _quantise_levels(net, peak).tobytes()
-        distinct = set(sketches)
-        distinct.discard(_NO_SKETCH)
-        return TextCode(quantised, tuple(sorted(distinct)[:sketch_size]))
+        # A content word's sketch hash is the top 16 bits of its second key.
+        ordered = np.sort(keys.view(_LITTLE_U16)[7::8]).tolist()
+        return TextCode(quantised, _smallest_distinct(ordered, sketch_size))
 
     def _counts(
         self, text: str
-    ) -> tuple[npt.NDArray[np.int64], tuple[int, ...]] | None:
-        """Return the net weight units per bucket, and each word's sketch hash.
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]] | None:
+        """Return the net weight units per bucket, and the content words' keys.
 
-        A function word or number has ``_NO_SKETCH`` for a sketch hash.
+        The keys are two per content word, in text order (see ``_Word``).
         """
         tokens = text[: self.max_chars].lower().encode("utf-8", "surrogatepass")
         raw = tokens.translate(_SEPARATE).split()
@@ -274,7 +274,7 @@ class TextEmbedder:
         except KeyError:
             learn = self._learn
             found = [words.get(token) or learn(token) for token in raw]
-        slot_parts, key_parts, sketches = zip(*found, strict=True)
+        slot_parts, key_parts = zip(*found, strict=True)
         slots = b"".join(slot_parts)
         # Content words only: function words and numbers have empty keys.
         keys = np.frombuffer(b"".join(key_parts), _LITTLE_U64)
@@ -288,7 +288,7 @@ class TextEmbedder:
 
         # Slot 2b counts bucket b with a plus sign, slot 2b + 1 with a minus.
         net: npt.NDArray[np.int64] = counts[0::2] - counts[1::2]
-        return net, sketches
+        return net, keys
 
     def _learn(self, token: bytes) -> _Word:
         """Compute a word's feature slots and keys, and cache them."""
@@ -306,27 +306,44 @@ class TextEmbedder:
         units = _WORD_UNITS if content else _WEAK_UNITS
         slots = [self._slot(hashed)] * units
         keys = b""
-        sketch = _NO_SKETCH
         if content:
             slots.extend(self._slot(key) for key in _gram_keys(b" " + stemmed + b" "))
-            mixed = hashed * _MIX_INT & _MASK64
-            keys = _KEY_PAIR.pack(hashed * _BIGRAM_MIX & _MASK64, mixed)
-            sketch = mixed >> _SKETCH_SHIFT
-        word = (array("H", slots).tobytes(), keys, sketch)
+            keys = _KEY_PAIR.pack(
+                hashed * _BIGRAM_MIX & _MASK64, hashed * _MIX_INT & _MASK64
+            )
+        word = (array("H", slots).tobytes(), keys)
         self._words[token] = word
         return word
 
     def _table(self, peak: int) -> npt.NDArray[np.int8]:
-        """Return (and cache) the quantised level of every net weight up to ``peak``."""
+        """Return (and cache) the quantised levels of the weights -peak to peak.
+
+        Level ``w`` is at index ``w``, a negative one counting from the end
+        as Python and numpy indices do: 0 to peak, then -peak to -1.
+        """
         if len(self._tables) >= _TABLE_CACHE_SIZE:
             self._tables.clear()
-        table = _quantise_levels(np.arange(-peak, peak + 1, dtype=np.int64), peak)
+        weights = np.arange(-peak, peak + 1, dtype=np.int64)
+        table = np.roll(_quantise_levels(weights, peak), -peak)
         self._tables[peak] = table
         return table
 
     def _slot(self, key: int) -> int:
         """Return ``2 * bucket + sign`` of a 64-bit feature key."""
         return (key * _MIX_INT & _MASK64) >> self._slot_shift
+
+
+def _smallest_distinct(ordered: list[int], count: int) -> tuple[int, ...]:
+    """Return the first ``count`` distinct values of an ascending list."""
+    kept: list[int] = []
+    last = -1
+    for value in ordered:
+        if value != last:
+            if len(kept) == count:
+                break
+            kept.append(value)
+            last = value
+    return tuple(kept)
 
 
 def _quantise_levels(net: npt.NDArray[np.int64], peak: int) -> npt.NDArray[np.int8]:
@@ -403,14 +420,13 @@ def int8_cosines(
     packed = bytes(stored) + bytes(row - size) + newest
     rows = np.frombuffer(packed, np.int8).reshape(-1, row)
     matrix = rows[:, row - size :].astype(np.float64)
-    gram = matrix @ matrix.T
-    dots: list[float] = gram[-1].tolist()
-    squares: list[float] = gram.diagonal().tolist()
+    gram: list[list[float]] = (matrix @ matrix.T).tolist()
+    dots = gram[-1]
     newest_square = dots[-1]
     # The 1.0 keeps a zero vector's cosine at 0; int8 norms are >= 127.
     return [
-        dot / math.sqrt(square * newest_square + 1.0)
-        for dot, square in zip(dots[:-1], squares[:-1], strict=True)
+        dot / math.sqrt(gram[index][index] * newest_square + 1.0)
+        for index, dot in enumerate(dots[:-1])
     ]
 
 

@@ -24,6 +24,9 @@ NO_IDENTITY = 0
 _SKETCH_START = 2
 _VECTOR_START = 2 + 2 * SKETCH_SIZE
 _SKETCH = struct.Struct(f"<{SKETCH_SIZE}H")
+# Per sketch length: its packing, and the zeros that fill the slot's sketch.
+_SKETCHES = [struct.Struct(f"<{size}H") for size in range(SKETCH_SIZE + 1)]
+_SKETCH_PADDING = [bytes(2 * (SKETCH_SIZE - size)) for size in range(SKETCH_SIZE + 1)]
 _KIND_NAMES = {OUTPUT_KIND_TEXT: "text", OUTPUT_KIND_BITS: "span_embedding"}
 
 
@@ -239,9 +242,15 @@ def add_output(
         raise ValueError(
             f"output vector must be {OUTPUT_VECTOR_BYTES} bytes, got {len(vector)}"
         )
-    sketch = sketch[:SKETCH_SIZE]
-    padded = (*sketch, *([0] * (SKETCH_SIZE - len(sketch))))
-    slot = bytes((kind, len(sketch))) + _SKETCH.pack(*padded) + vector
+    size = min(len(sketch), SKETCH_SIZE)
+    slot = b"".join(
+        (
+            bytes((kind, size)),
+            _SKETCHES[size].pack(*sketch[:size]),
+            _SKETCH_PADDING[size],
+            vector,
+        )
+    )
     # Exact-size copies: a live state carries no allocator slack.
     outputs = state.outputs
     excess = len(outputs) + OUTPUT_SLOT_BYTES - capacity * OUTPUT_SLOT_BYTES
