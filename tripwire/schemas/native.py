@@ -139,8 +139,14 @@ def span_from_mapping(record: Mapping[str, Any]) -> SpanEvent:
         )
 
     input_tokens = _tokens(get("input_tokens"), "input_tokens")
-    cache_read = _tokens(get("cache_read_tokens"), "cache_read_tokens")
-    cache_creation = _tokens(get("cache_creation_tokens"), "cache_creation_tokens")
+    cache_read = get("cache_read_tokens")
+    cache_read = 0 if cache_read is None else _tokens(cache_read, "cache_read_tokens")
+    cache_creation = get("cache_creation_tokens")
+    cache_creation = (
+        0
+        if cache_creation is None
+        else _tokens(cache_creation, "cache_creation_tokens")
+    )
     if cache_read + cache_creation > input_tokens:
         raise SpanValidationError(
             f"cache_read_tokens ({cache_read}) + cache_creation_tokens "
@@ -149,10 +155,24 @@ def span_from_mapping(record: Mapping[str, Any]) -> SpanEvent:
             "input_tokens",
         )
 
+    # Absent fields (most of them) skip their checks: the None tests below
+    # give what each check gives for None.
+    parent_span_id = get("parent_span_id")
+    user_id = get("user_id")
+    agent_name = get("agent_name")
+    model = get("model")
+    provider = get("provider")
+    output_tokens = get("output_tokens")
+    cost_usd = get("cost_usd")
+    tool_name = get("tool_name")
+    tool_args_hash = get("tool_args_hash")
     tool_status = get("tool_status")
+    finish_reason = get("finish_reason")
+    depth = get("depth")
     output_text = get("output_text")
     output_code = get("output_code")
     embedding = get("embedding")
+    outcome = get("outcome")
     attributes = get("attributes")
 
     # Positional in SpanEvent's field order: keywords cost a microsecond a span.
@@ -163,25 +183,27 @@ def span_from_mapping(record: Mapping[str, Any]) -> SpanEvent:
         _kind(get("kind")),
         start_time,
         end_time,
-        _optional_id(get("parent_span_id"), "parent_span_id"),
-        _optional_id(get("user_id"), "user_id"),
-        _name(get("agent_name"), "agent_name"),
-        _name(get("model"), "model"),
-        _name(get("provider"), "provider"),
+        None
+        if parent_span_id is None
+        else _optional_id(parent_span_id, "parent_span_id"),
+        None if user_id is None else _optional_id(user_id, "user_id"),
+        None if agent_name is None else _name(agent_name, "agent_name"),
+        None if model is None else _name(model, "model"),
+        None if provider is None else _name(provider, "provider"),
         input_tokens,
-        _tokens(get("output_tokens"), "output_tokens"),
+        0 if output_tokens is None else _tokens(output_tokens, "output_tokens"),
         cache_read,
         cache_creation,
-        _cost(get("cost_usd")),
-        _name(get("tool_name"), "tool_name"),
-        _name(get("tool_args_hash"), "tool_args_hash"),
+        None if cost_usd is None else _cost(cost_usd),
+        None if tool_name is None else _name(tool_name, "tool_name"),
+        None if tool_args_hash is None else _name(tool_args_hash, "tool_args_hash"),
         None if tool_status is None else _tool_status(tool_status),
-        _name(get("finish_reason"), "finish_reason"),
-        _depth(get("depth")),
+        None if finish_reason is None else _name(finish_reason, "finish_reason"),
+        None if depth is None else _depth(depth),
         None if output_text is None else _output_text(output_text),
         None if output_code is None else _output_code(output_code),
         None if embedding is None else _embedding(embedding),
-        _name(get("outcome"), "outcome"),
+        None if outcome is None else _name(outcome, "outcome"),
         _attributes(attributes) if attributes else {},
     )
 
