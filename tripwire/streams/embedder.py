@@ -264,17 +264,13 @@ class TextEmbedder:
         if not raw:
             return None
 
-        # The cache is only ever cleared here, so every word of this text is
-        # in it once its missing words are learnt.
         words = self._words
         if len(words) >= _WORD_CACHE_SIZE:
             words.clear()
         try:
-            found = list(map(words.__getitem__, raw))
+            slot_parts, key_parts = zip(*map(words.__getitem__, raw), strict=True)
         except KeyError:
-            learn = self._learn
-            found = [words.get(token) or learn(token) for token in raw]
-        slot_parts, key_parts = zip(*found, strict=True)
+            slot_parts, key_parts = zip(*map(self._word, raw), strict=True)
         slots = b"".join(slot_parts)
         # Content words only: function words and numbers have empty keys.
         keys = np.frombuffer(b"".join(key_parts), _LITTLE_U64)
@@ -289,6 +285,10 @@ class TextEmbedder:
         # Slot 2b counts bucket b with a plus sign, slot 2b + 1 with a minus.
         net: npt.NDArray[np.int64] = counts[0::2] - counts[1::2]
         return net, keys
+
+    def _word(self, token: bytes) -> _Word:
+        """Return what the cache holds of a word, learning it if need be."""
+        return self._words.get(token) or self._learn(token)
 
     def _learn(self, token: bytes) -> _Word:
         """Compute a word's feature slots and keys, and cache them."""
@@ -417,7 +417,7 @@ def int8_cosines(
     row = row_bytes or size
     # The newest vector goes in as one more row, so that one product of the
     # matrix with its transpose gives every dot product and squared norm.
-    packed = bytes(stored) + bytes(row - size) + newest
+    packed = b"".join((stored, bytes(row - size), newest))
     rows = np.frombuffer(packed, np.int8).reshape(-1, row)
     matrix = rows[:, row - size :].astype(np.float64)
     gram: list[list[float]] = (matrix @ matrix.T).tolist()
