@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +14,6 @@ import orjson
 import pytest
 import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -30,7 +21,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
     InMemorySpanExporter,
 )
-from prometheus_client.parser import text_string_to_metric_families
+from support.worker_process import WorkerProcess as Worker
+from support.worker_process import delete_topics, launch_worker
 
 from tripwire.schemas.events import Alert, KillCommand, Scope, SpanEvent, SpanKind
 from tripwire.schemas.killswitch import redis_kill_key
@@ -64,107 +56,12 @@ HEALTHY_STEPS = (
 )
 
 
-@dataclass
-class Worker:
-    """A running `tripwire worker` subprocess and what it was configured with."""
-
-    process: subprocess.Popen[bytes]
-    log: Path
-    web: str
-    bootstrap: str
-    redis_url: str
-    topics: dict[str, str]
-    app_id: str
-
-    def log_tail(self, lines: int = 60) -> str:
-        text = self.log.read_text(encoding="utf-8", errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-    def get(self, path: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(self.web + path, timeout=5) as response:
-                return int(response.status), bytes(response.read())
-        except urllib.error.HTTPError as exc:
-            return int(exc.code), bytes(exc.read())
-
-    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-        status, body = self.get("/metrics")
-        assert status == 200, body
-        samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-        for family in text_string_to_metric_families(body.decode()):
-            for sample in family.samples:
-                key = (sample.name, frozenset(sample.labels.items()))
-                samples[key] = sample.value
-        return samples
-
-    def session(self, session_id: str) -> dict[str, Any] | None:
-        status, body = self.get(f"/sessions/{session_id}")
-        if status == 404:
-            return None
-        assert status == 200, body
-        document: dict[str, Any] = json.loads(body)
-        return document
-
-
 def _metric(
     samples: dict[tuple[str, frozenset[tuple[str, str]]], float],
     name: str,
     **labels: str,
 ) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def _wait_until_up(worker: Worker) -> None:
-    deadline = time.monotonic() + START_SECONDS
-    while time.monotonic() < deadline:
-        if worker.process.poll() is not None:
-            pytest.fail(
-                f"worker exited with {worker.process.returncode}:\n{worker.log_tail()}"
-            )
-        try:
-            status, _ = worker.get("/ready")
-        except OSError:
-            status = 0
-        if status == 200:
-            return
-        time.sleep(0.5)
-    pytest.fail(f"worker was not ready within {START_SECONDS}s:\n{worker.log_tail()}")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-
-
-async def _delete_topics(bootstrap: str, prefix: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        names = [name for name in await admin.list_topics() if name.startswith(prefix)]
-        if names:
-            await admin.delete_topics(names)
-    finally:
-        await admin.close()
-
-
-def _topics(prefix: str) -> dict[str, str]:
-    return {
-        name: f"{prefix}.{name}"
-        for name in ("spans", "otlp", "killswitch", "alerts", "dlq")
-    }
 
 
 def _launch(
@@ -175,46 +72,18 @@ def _launch(
     store: str = "memory://",
     **extra_env: str,
 ) -> Worker:
-    """Start `tripwire worker` on the topics and app id named by ``prefix``."""
-    topics = _topics(prefix)
-    port = _free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("TRIPWIRE_")},
+    """Start `tripwire worker` with the test policy, store and Redis key prefix."""
+    return launch_worker(
+        bootstrap,
+        redis_url,
+        prefix,
+        data,
         **POLICY_ENV,
-        "TRIPWIRE_APP_ID": prefix,
-        "TRIPWIRE_BROKER": bootstrap,
-        "TRIPWIRE_REDIS_URL": redis_url,
-        "TRIPWIRE_REDIS_KEY_PREFIX": f"{prefix}:kill",
-        "TRIPWIRE_WEB_PORT": str(port),
-        "TRIPWIRE_DATA_DIR": str(data),
-        "TRIPWIRE_STORE": store,
-        "TRIPWIRE_PARTITIONS": str(PARTITIONS),
-        "TRIPWIRE_BATCH_WITHIN_SECONDS": "0.05",
-        "TRIPWIRE_COMMIT_INTERVAL_SECONDS": "0.5",
-        "TRIPWIRE_SESSION_TIMEOUT_SECONDS": "10",
-        "TRIPWIRE_HEARTBEAT_INTERVAL_SECONDS": "1",
-        **{f"TRIPWIRE_TOPIC_{name.upper()}": topic for name, topic in topics.items()},
+        TRIPWIRE_REDIS_KEY_PREFIX=f"{prefix}:kill",
+        TRIPWIRE_STORE=store,
+        TRIPWIRE_PARTITIONS=str(PARTITIONS),
         **extra_env,
-    }
-    log = data / f"worker-{uuid.uuid4().hex[:6]}.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tripwire", "worker"],
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    running = Worker(
-        process, log, f"http://127.0.0.1:{port}", bootstrap, redis_url, topics, prefix
     )
-    try:
-        _wait_until_up(running)
-    except BaseException:
-        _stop(process)
-        raise
-    return running
 
 
 def _delete_keys(redis_url: str, pattern: str) -> None:
@@ -238,8 +107,8 @@ def worker(
     try:
         yield running
     finally:
-        _stop(running.process)
-        asyncio.run(_delete_topics(kafka_bootstrap, prefix))
+        running.stop()
+        asyncio.run(delete_topics(kafka_bootstrap, prefix))
         _delete_keys(redis_url, f"{prefix}:*")
     assert running.process.returncode == 0, running.log_tail()
 
@@ -622,7 +491,7 @@ async def test_restart_restores_state_and_never_repeats_a_kill(
         await _produce(producer, first.topics["spans"], first_half)
         assert await _wait_for(lambda: (first.session(session) or {}).get("spans") == 6)
         before = first.session(session)
-        await asyncio.to_thread(_stop, first.process)
+        await asyncio.to_thread(first.stop)
         assert first.process.returncode == 0, first.log_tail()
 
         second = await asyncio.to_thread(
@@ -636,7 +505,7 @@ async def test_restart_restores_state_and_never_repeats_a_kill(
             lambda: (second.session(session) or {}).get("spans") == 8
         )
         samples = second.metrics()
-        await asyncio.to_thread(_stop, second.process)
+        await asyncio.to_thread(second.stop)
         assert second.process.returncode == 0, second.log_tail()
 
         kills = await _consume_until(
@@ -654,9 +523,9 @@ async def test_restart_restores_state_and_never_repeats_a_kill(
         assert _metric(samples, "tripwire_spans_total", outcome="duplicate") == 6
     finally:
         for running in workers:
-            await asyncio.to_thread(_stop, running.process)
+            await asyncio.to_thread(running.stop)
         await producer.stop()
-        await _delete_topics(kafka_bootstrap, prefix)
+        await delete_topics(kafka_bootstrap, prefix)
         _delete_keys(redis_url, f"{prefix}:*")
 
 
@@ -679,7 +548,7 @@ async def test_idle_sessions_are_evicted_by_event_time(
         )
     except BaseException:
         await producer.stop()
-        await _delete_topics(kafka_bootstrap, prefix)
+        await delete_topics(kafka_bootstrap, prefix)
         raise
     try:
         await _produce(
@@ -702,8 +571,8 @@ async def test_idle_sessions_are_evicted_by_event_time(
         )
         assert await _wait_for(lambda: (worker.session(old) or {}).get("spans") == 1)
     finally:
-        await asyncio.to_thread(_stop, worker.process)
+        await asyncio.to_thread(worker.stop)
         await producer.stop()
-        await _delete_topics(kafka_bootstrap, prefix)
+        await delete_topics(kafka_bootstrap, prefix)
         _delete_keys(redis_url, f"{prefix}:*")
     assert worker.process.returncode == 0, worker.log_tail()
