@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import math
+
 import numpy as np
 import pytest
 
+from tripwire.streams import embedder
 from tripwire.streams.embedder import (
     BIT_CODE_BITS,
     MAX_WIRE_CHARS,
@@ -229,3 +234,56 @@ def test_long_repeated_text_is_quantised_past_the_cached_tables() -> None:
     assert code is not None
     assert np.abs(np.frombuffer(code.vector, np.int8)).max() == 127
     assert TextCode.from_wire(code.to_wire()) == code
+
+
+def _direct_code(text: str, sketch_size: int) -> TextCode | None:
+    """The code as the embedder's docstring describes it, feature by feature."""
+    mask = (1 << 64) - 1
+    mix = 0x9E3779B97F4A7C15
+    raw = text[:4000].lower().encode("utf-8", "surrogatepass")
+    tokens = bytes(b if b in embedder._WORD_BYTES else 32 for b in raw).split()
+    net = np.zeros(TEXT_DIM, dtype=np.int64)
+
+    def add(key: int, units: int) -> None:
+        slot = (key * mix & mask) >> (64 - (TEXT_DIM.bit_length()))
+        net[slot // 2] += -units if slot % 2 else units
+
+    digests = []
+    for token in tokens:
+        word = token.decode("utf-8", "replace").strip("'")
+        content = not (word in embedder.STOPWORDS or word.isdigit())
+        stemmed = (stem(word) if content else word).encode() or b"'"
+        digest = int.from_bytes(
+            hashlib.blake2b(stemmed, digest_size=8).digest(), "little"
+        )
+        add(digest, 12 if content else 2)
+        if content:
+            for gram in embedder._gram_keys(b" " + stemmed + b" "):
+                add(gram, 1)
+            digests.append(digest)
+    for first, second in itertools.pairwise(digests):
+        add((first * 0xC2B2AE3D27D4EB4F + second) & mask, 7)
+    if not tokens or not net.any():
+        return None
+
+    peak = int(np.abs(net).max())
+    scaled = np.sign(net) * np.log1p(np.abs(net) / 12) * (127 / math.log1p(peak / 12))
+    sketch = sorted({(digest * mix & mask) >> 48 for digest in digests})
+    return TextCode(
+        np.rint(scaled).astype(np.int8).tobytes(), tuple(sketch[:sketch_size])
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Let me search the quarterly report again for the Q3 revenue figure.",
+        "I'll retry: searching, searched, searches... the API returned 502 again!",
+        "Déjà vu: the naïve café's menu lists crème brûlée twice; 東京 too.",
+        "ok ok ok the the a 12 34",
+        "report " * 700,
+    ],
+)
+def test_code_matches_the_direct_computation(text: str) -> None:
+    for size in (16, 3):
+        assert TextEmbedder().encode(text, size) == _direct_code(text, size)
