@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ from tripwire.schemas.events import Alert, KillCommand, Scope, SpanEvent
 from tripwire.schemas.native import encode_native
 from tripwire.streams.core import Detector
 from tripwire.streams.embedded import EmbeddedRuntime
+from tripwire.streams.embedder import TextEmbedder
 from tripwire.streams.policy import Policy
 from tripwire.streams.simulate import (
     DEFAULT_SESSIONS,
@@ -358,6 +360,7 @@ async def play_on_broker(
             "(scripts/services start) and a worker (tripwire worker), or drop --broker"
         ) from exc
 
+    embedder = TextEmbedder()
     listener = asyncio.create_task(_listen(consumer, topics.killswitch, board, view))
     try:
         pacer = Pacer(speed, view)
@@ -368,8 +371,9 @@ async def play_on_broker(
             board.ran(span)
             if view is not None:
                 view.span(span)
-            value = encode_native(span, include_text=True)
-            await producer.send(topics.spans, value, key=span.session_id.encode())
+            await producer.send(
+                topics.spans, _wire_value(span, embedder), key=span.session_id.encode()
+            )
         await producer.flush()
         await _settle(board, wait_s)
     finally:
@@ -465,6 +469,14 @@ def decode_alert(data: bytes | None) -> Alert:
 def span_cost(detector: Detector, span: SpanEvent) -> float:
     """Return the cost of one span in USD, with the detector's price book."""
     return detector.prices.cost(span).cost_usd
+
+
+def _wire_value(span: SpanEvent, embedder: TextEmbedder) -> bytes:
+    """Encode a span for the broker as an agent's exporter would: code, no text."""
+    if span.output_text:
+        code = embedder.wire_code(span.output_text)
+        span = dataclasses.replace(span, output_text=None, output_code=code)
+    return encode_native(span)
 
 
 def record_fleet(fleet: Fleet, path: Path) -> None:
