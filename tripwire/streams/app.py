@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import io
 import logging
 import math
@@ -47,6 +46,10 @@ DLQ_TOPIC = "tripwire.dlq.topic"
 DLQ_PARTITION = "tripwire.dlq.partition"
 DLQ_OFFSET = "tripwire.dlq.offset"
 DLQ_AT = "tripwire.dlq.at"
+
+# Usages of one user from one span batch share a usage-topic record of at most
+# this many bytes (one usage is a few kilobytes at most): far below Kafka's 1 MB.
+USAGE_RECORD_BYTES = 256 * 1024
 
 
 @dataclass(slots=True)
@@ -332,10 +335,10 @@ class TripwireApp:
             decisions.extend(self._observe_session(session_id, batch, usages))
             end_times.extend(span.end_time for span in batch.spans)
 
-        for usage in usages:
-            await self.usage_topic.send(
-                key=usage.user_id.encode(), value=encode_usage(usage)
-            )
+        for user_id, of_user in _by_user(usages).items():
+            key = user_id.encode()
+            for record in usage_records(of_user):
+                await self.usage_topic.send(key=key, value=record)
         await self.publisher.publish(decisions)
         self.metrics.observe_batch(end_times)
         self._watermark = max(self._watermark, max(end_times, default=-math.inf))
@@ -547,7 +550,8 @@ class TripwireApp:
         """Apply the per-user daily step to a batch of usage records.
 
         Usage records arrive keyed by user id, so every record of a user lands
-        on the partition that owns that user's daily state.
+        on the partition that owns that user's daily state. A record holds one
+        or more usages of its user, in the order the session step made them.
 
         Args:
             events: Faust events of the usage topic, in arrival order.
@@ -555,16 +559,17 @@ class TripwireApp:
         by_day: dict[bytes, _UserDayBatch] = {}
         for event in events:
             try:
-                usage = decode_usage(event.message.value or b"")
+                usages = decode_usages(event.message.value or b"")
             except (ValueError, TypeError) as exc:
                 logger.error("undecodable usage record skipped: %s", exc)
                 continue
-            key = user_day_key(usage)
-            batch = by_day.get(key)
-            if batch is None:
-                batch = by_day[key] = _UserDayBatch(event)
-            batch.event = event
-            batch.usages.append(usage)
+            for usage in usages:
+                key = user_day_key(usage)
+                batch = by_day.get(key)
+                if batch is None:
+                    batch = by_day[key] = _UserDayBatch(event)
+                batch.event = event
+                batch.usages.append(usage)
 
         decisions: list[Decision] = []
         for key, batch in by_day.items():
@@ -700,8 +705,8 @@ def user_day_key(usage: Usage) -> bytes:
 
 
 def encode_usage(usage: Usage) -> bytes:
-    """Encode a usage record for the usage topic."""
-    return orjson.dumps(dataclasses.asdict(usage))
+    """Encode one usage as a usage-topic record: a JSON object of its fields."""
+    return orjson.dumps(usage)
 
 
 def decode_usage(data: bytes) -> Usage:
@@ -711,10 +716,73 @@ def decode_usage(data: bytes) -> Usage:
         ValueError: the bytes are not a JSON object.
         TypeError: the object's fields do not match ``Usage``.
     """
+    return _usage_from(orjson.loads(data))
+
+
+def usage_records(
+    usages: Sequence[Usage], limit: int = USAGE_RECORD_BYTES
+) -> list[bytes]:
+    """Encode usages of one user as few usage-topic records, in their order.
+
+    Each record is a JSON array of usage objects, of at most ``limit`` bytes
+    unless a single usage is longer. Each usage keeps its span id, so the user
+    step still drops a redelivered one.
+
+    Args:
+        usages: usages of one user, in the order the session step made them.
+        limit: the most bytes a record of several usages may have.
+
+    Returns:
+        The records' values, for :func:`decode_usages`.
+    """
+    records: list[bytes] = []
+    parts: list[bytes] = []
+    size = 2
+    for usage in usages:
+        part = orjson.dumps(usage)
+        if parts and size + len(part) + 1 > limit:
+            records.append(b"[" + b",".join(parts) + b"]")
+            parts, size = [], 2
+        parts.append(part)
+        size += len(part) + 1
+    if parts:
+        records.append(b"[" + b",".join(parts) + b"]")
+    return records
+
+
+def decode_usages(data: bytes) -> list[Usage]:
+    """Decode a usage-topic record: one usage object, or an array of them.
+
+    Reads what :func:`usage_records` and :func:`encode_usage` write.
+
+    Raises:
+        ValueError: the bytes are not JSON, or not an object or a non-empty
+            array of objects.
+        TypeError: an object's fields do not match ``Usage``.
+    """
     record = orjson.loads(data)
+    if isinstance(record, list):
+        if not record:
+            raise ValueError("usage record must hold at least one usage, got []")
+        return [_usage_from(item) for item in record]
+    return [_usage_from(record)]
+
+
+def _usage_from(record: Any) -> Usage:
     if not isinstance(record, dict):
         raise ValueError(f"usage record must be a JSON object, got {record!r}")
     return Usage(**record)
+
+
+def _by_user(usages: Sequence[Usage]) -> dict[str, list[Usage]]:
+    """Group usages by user id, keeping their order within each user."""
+    grouped: dict[str, list[Usage]] = {}
+    for usage in usages:
+        records = grouped.get(usage.user_id)
+        if records is None:
+            records = grouped[usage.user_id] = []
+        records.append(usage)
+    return grouped
 
 
 async def prepare_topics(

@@ -11,8 +11,10 @@ from tripwire.streams.app import (
     _check_copartitioned,
     _kills_session,
     decode_usage,
+    decode_usages,
     encode_usage,
     session_summary,
+    usage_records,
     user_day_key,
 )
 from tripwire.streams.core import Detector, Usage
@@ -45,6 +47,40 @@ def test_usage_round_trips_through_the_usage_topic_encoding() -> None:
 def test_malformed_usage_records_raise_value_or_type_errors(data: bytes) -> None:
     with pytest.raises((ValueError, TypeError)):
         decode_usage(data)
+
+
+def test_usages_of_one_user_share_a_record_in_their_order() -> None:
+    usages = [_usage(span_id=f"span-{n}", tokens=n) for n in range(5)]
+
+    records = usage_records(usages)
+
+    assert len(records) == 1
+    assert decode_usages(records[0]) == usages
+
+
+def test_usage_records_stay_under_the_byte_limit_and_keep_every_usage() -> None:
+    usages = [_usage(span_id=f"span-{n}") for n in range(50)]
+    one = len(encode_usage(usages[0]))
+
+    records = usage_records(usages, limit=10 * one)
+
+    assert len(records) > 1
+    assert all(len(record) <= 10 * one for record in records)
+    assert [u for record in records for u in decode_usages(record)] == usages
+
+
+def test_a_single_usage_object_decodes_as_a_list_of_one() -> None:
+    usage = _usage(agent_name=None, span_id=None)
+
+    assert decode_usages(encode_usage(usage)) == [usage]
+
+
+@pytest.mark.parametrize(
+    "data", [b"[]", b"[1, 2]", b'[{"user_id": "u"}]', b"7", b"{not json"]
+)
+def test_malformed_usage_arrays_raise_value_or_type_errors(data: bytes) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        decode_usages(data)
 
 
 def test_user_day_key_separates_users_and_days() -> None:
