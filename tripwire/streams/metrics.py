@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
@@ -63,6 +64,30 @@ class LabelGuard:
             return OTHER
         self._seen.add(value)
         return value
+
+
+class LabelChildren:
+    """The children of one labelled metric, each made on its first use and kept.
+
+    ``metric.labels(...)`` validates and looks up its labels on every call;
+    the worker counts several series per span, so it keeps the children.
+    Label values come through a :class:`LabelGuard`, which bounds how many
+    there are.
+
+    Args:
+        metric: a metric declared with label names.
+    """
+
+    def __init__(self, metric: Any) -> None:
+        self._labels = metric.labels
+        self._made: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        """Return the child for label ``values``, in the metric's label order."""
+        child = self._made.get(values)
+        if child is None:
+            child = self._made[values] = self._labels(*values)
+        return child
 
 
 class WorkerMetrics:
@@ -185,6 +210,13 @@ class WorkerMetrics:
 
         for outcome in SPAN_OUTCOMES:
             self.spans.labels(outcome=outcome)
+        self._processed = self.spans.labels(outcome="processed")
+        self._llm_calls = LabelChildren(self.llm_calls)
+        self._llm_cost = LabelChildren(self.llm_cost)
+        self._llm_tokens = LabelChildren(self.llm_tokens)
+        self._input_tokens = LabelChildren(self.input_tokens)
+        self._tool_calls = LabelChildren(self.tool_calls)
+        self._tool_errors = LabelChildren(self.tool_errors)
 
     def observe_span(
         self, span: SpanEvent, cost_usd: float, priced: bool, now: float | None = None
@@ -202,11 +234,11 @@ class WorkerMetrics:
             self._observe_llm(span, agent, cost_usd, priced)
         elif span.kind is SpanKind.TOOL:
             tool = self._tool(span.tool_name)
-            self.tool_calls.labels(tool=tool, agent=agent).inc()
+            self._tool_calls(tool, agent).inc()
             if span.tool_status is ToolStatus.ERROR:
-                self.tool_errors.labels(tool=tool, agent=agent).inc()
+                self._tool_errors(tool, agent).inc()
 
-        self.spans.labels(outcome="processed").inc()
+        self._processed.inc()
         wall = time.time() if now is None else now
         self.processing_lag.observe(max(0.0, wall - span.end_time))
 
@@ -215,28 +247,22 @@ class WorkerMetrics:
     ) -> None:
         model = self._model(span.model)
         provider = self._provider(span.provider)
-        self.llm_calls.labels(model=model, provider=provider, agent=agent).inc()
+        self._llm_calls(model, provider, agent).inc()
         if cost_usd > 0:
-            self.llm_cost.labels(model=model, provider=provider, agent=agent).inc(
-                cost_usd
-            )
+            self._llm_cost(model, provider, agent).inc(cost_usd)
         if not priced:
             self.unknown_model_spans.inc()
 
-        tokens = {
-            "input": span.input_tokens,
-            "output": span.output_tokens,
-            "cache_read": span.cache_read_tokens,
-            "cache_creation": span.cache_creation_tokens,
-        }
-        for token_type, count in tokens.items():
-            if count > 0:
-                self.llm_tokens.labels(
-                    type=token_type, model=model, provider=provider
-                ).inc(count)
-        self.input_tokens.labels(model=model, provider=provider).observe(
-            span.input_tokens
+        tokens = (
+            ("input", span.input_tokens),
+            ("output", span.output_tokens),
+            ("cache_read", span.cache_read_tokens),
+            ("cache_creation", span.cache_creation_tokens),
         )
+        for token_type, count in tokens:
+            if count > 0:
+                self._llm_tokens(token_type, model, provider).inc(count)
+        self._input_tokens(model, provider).observe(span.input_tokens)
 
     def count_spans(self, outcome: str, amount: int = 1) -> None:
         """Count span records that were not processed as new spans.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 
 from tripwire.schemas.events import SpanEvent, SpanKind, ToolStatus
-from tripwire.streams.metrics import OTHER, LabelGuard, WorkerMetrics
+from tripwire.streams.metrics import OTHER, LabelChildren, LabelGuard, WorkerMetrics
 
 
 def _llm_span(**extra: object) -> SpanEvent:
@@ -135,3 +135,39 @@ def test_two_workers_in_one_process_do_not_collide() -> None:
 
     assert second.registry is shared
     assert _value(second, "tripwire_spans_total", outcome="duplicate") == 0
+
+
+def test_repeated_spans_add_to_the_same_series_and_make_none_unused() -> None:
+    metrics = WorkerMetrics()
+
+    for _ in range(3):
+        metrics.observe_span(_llm_span(cache_read_tokens=0), 0.5, True, now=103.0)
+    metrics.observe_span(_llm_span(model="claude-3-5-haiku"), 0.0, True, now=103.0)
+    sample = metrics.registry.get_sample_value
+
+    labels = {"provider": "openai", "agent": "researcher"}
+    assert _value(metrics, "llm_calls_total", model="gpt-4o", **labels) == 3
+    assert _value(metrics, "llm_cost_usd_total", model="gpt-4o", **labels) == 1.5
+    tokens = {"model": "gpt-4o", "provider": "openai"}
+    assert _value(metrics, "llm_tokens_total", type="input", **tokens) == 3000
+    assert sample("llm_tokens_total", {"type": "cache_read", **tokens}) is None
+    assert sample("llm_cost_usd_total", {**labels, "model": "claude-3-5-haiku"}) is None
+    assert _value(metrics, "tripwire_spans_total", outcome="processed") == 4
+
+
+def test_label_children_returns_one_child_per_label_values() -> None:
+    metrics = WorkerMetrics()
+    children = LabelChildren(metrics.tool_calls)
+
+    children("search", "researcher").inc()
+    children("search", "researcher").inc()
+    children("fetch", "researcher").inc()
+
+    assert children("search", "researcher") is children("search", "researcher")
+    assert (
+        _value(metrics, "agent_tool_calls_total", tool="search", agent="researcher")
+        == 2
+    )
+    assert (
+        _value(metrics, "agent_tool_calls_total", tool="fetch", agent="researcher") == 1
+    )
