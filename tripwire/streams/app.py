@@ -58,6 +58,7 @@ class _SessionBatch:
 
     event: Event
     spans: list[SpanEvent] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -326,14 +327,19 @@ class TripwireApp:
                 batch = by_session[span.session_id] = _SessionBatch(event)
             batch.event = event
             batch.spans.append(span)
+            batch.events.append(event)
 
         decisions: list[Decision] = []
         usages: list[Usage] = []
         end_times: list[float] = []
+        failed: list[tuple[Event, str]] = []
         for session_id, batch in by_session.items():
             _bind_event(batch.event)
-            decisions.extend(self._observe_session(session_id, batch, usages))
+            decisions.extend(self._observe_session(session_id, batch, usages, failed))
             end_times.extend(span.end_time for span in batch.spans)
+
+        for event, reason in failed:
+            await self.dead_letter(event, reason, None)
 
         for user_id, of_user in _by_user(usages).items():
             key = user_id.encode()
@@ -347,22 +353,27 @@ class TripwireApp:
             self.evict_idle_sessions()
 
     def _observe_session(
-        self, session_id: str, batch: _SessionBatch, usages: list[Usage]
+        self,
+        session_id: str,
+        batch: _SessionBatch,
+        usages: list[Usage],
+        failed: list[tuple[Event, str]],
     ) -> list[Decision]:
         key = session_id.encode()
         state = self._load_session(key)
         decisions: list[Decision] = []
-        for span in batch.spans:
+        for span, event in zip(batch.spans, batch.events, strict=True):
             try:
                 state, outcome = self.detector.observe_span(state, span)
-            except Exception:
-                # A detector fault on one span must not stop the stream.
+            except Exception as exc:
+                # A detector fault on one span must not stop the stream, nor
+                # lose the span: it goes to the dead-letter topic to replay.
                 logger.exception(
-                    "detector failed on span %s of session %s; span skipped",
+                    "detector failed on span %s of session %s",
                     span.span_id,
                     session_id,
                 )
-                self.metrics.count_spans("skipped")
+                failed.append((event, f"detector failed: {exc!r}"))
                 continue
             if outcome.duplicate:
                 self.metrics.count_spans("duplicate")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tripwire.config import WorkerSettings
@@ -142,3 +144,51 @@ def test_copartitioning_check_names_the_setting() -> None:
     _check_copartitioned(settings, {settings.topics.spans: 4, "other": 1})
     with pytest.raises(ConfigError, match="TRIPWIRE_PARTITIONS=1"):
         _check_copartitioned(settings, {settings.topics.spans: 1})
+
+
+class _FaultyDetector(Detector):
+    """A detector that fails on one span id, as a detector bug would."""
+
+    def observe_span(self, state, span):  # type: ignore[no-untyped-def]
+        if span.span_id == "bad":
+            raise RuntimeError("boom")
+        return super().observe_span(state, span)
+
+
+class _Message:
+    def __init__(self, key: bytes, value: bytes, offset: int) -> None:
+        self.key = key
+        self.value = value
+        self.topic = "tripwire.spans"
+        self.partition = 0
+        self.offset = offset
+
+
+class _Event:
+    def __init__(self, message: _Message) -> None:
+        self.message = message
+
+
+async def test_a_span_the_detector_fails_on_is_dead_lettered_not_lost(
+    tmp_path: Path,
+) -> None:
+    from tripwire.config import load_settings
+    from tripwire.schemas.native import encode_native
+    from tripwire.streams.app import TripwireApp
+
+    settings = load_settings({"TRIPWIRE_DATA_DIR": str(tmp_path)})
+    detector = _FaultyDetector(Policy(), PriceBook.load())
+    worker = TripwireApp(settings, detector)
+    dead: list[tuple[int, str]] = []
+
+    async def dead_letter(event: _Event, reason: str, field_name: str | None) -> None:
+        dead.append((event.message.offset, reason))
+
+    worker.dead_letter = dead_letter  # type: ignore[method-assign]
+    span = SpanEvent("bad", "trace-1", "sess-9", SpanKind.TOOL, 1.0, 2.0)
+    record = encode_native(span)
+
+    await worker.handle_span_batch([_Event(_Message(b"sess-9", record, 41))])  # type: ignore[list-item]
+
+    assert dead == [(41, "detector failed: RuntimeError('boom')")]
+    assert worker.sessions.get(b"sess-9") is None
