@@ -544,7 +544,7 @@ async def test_idle_sessions_are_evicted_by_event_time(
             prefix,
             tmp_path,
             TRIPWIRE_SESSION_IDLE_SECONDS="600",
-            TRIPWIRE_SWEEP_INTERVAL_SECONDS="0.1",
+            TRIPWIRE_SWEEP_INTERVAL_SECONDS="1",
         )
     except BaseException:
         await producer.stop()

@@ -89,7 +89,6 @@ class TripwireApp:
         self.metrics = metrics if metrics is not None else WorkerMetrics()
         self.mirror: RedisMirror | None = None
         self._watermark = -math.inf
-        self._next_sweep = time.monotonic() + settings.sweep_interval_seconds
         # Which partition each session's state lives on, and the newest event
         # of each partition: what a table delete outside a batch needs.
         self._session_partitions: dict[bytes, int] = {}
@@ -210,6 +209,15 @@ class TripwireApp:
                     settings.batch_size, within=settings.batch_within_seconds
                 ):
                     await self.handle_otlp_batch(events)
+
+        # A timer, not the end of a batch: a session must go idle even when no
+        # batch follows the one that moved the event-time watermark on.
+        async def sweep_idle_sessions() -> None:
+            self.evict_idle_sessions()
+
+        app.timer(settings.sweep_interval_seconds, name="tripwire.sweep_idle")(
+            sweep_idle_sessions
+        )
 
         async def on_rebalance_complete(sender: Any, **kwargs: Any) -> None:
             sources = {
@@ -348,9 +356,6 @@ class TripwireApp:
         await self.publisher.publish(decisions)
         self.metrics.observe_batch(end_times)
         self._watermark = max(self._watermark, max(end_times, default=-math.inf))
-        if time.monotonic() >= self._next_sweep:
-            self._next_sweep = time.monotonic() + self.settings.sweep_interval_seconds
-            self.evict_idle_sessions()
 
     def _observe_session(
         self,
