@@ -573,32 +573,8 @@ class _Subscriptions:
                 await client.aclose()
 
 
-class KillSwitch:
-    """Stop sessions the detector has killed: the thread-based form.
-
-    Subscribes to the kill-switch topic (its own consumer group, from the
-    latest offset unless ``from_beginning``) and, when ``redis_url`` is given,
-    to the Redis channel, on a background thread. ``check`` looks in the
-    commands received so far, then at the Redis flags in one ``MGET``.
-
-    Args:
-        bootstrap_servers: Kafka bootstrap servers, or None for Redis only.
-        topic: the kill-switch topic.
-        redis_url: Redis URL for the flag check and the channel, or None.
-        on_kill: called once per new command, on the subscription thread (or
-            on the checking thread for a command found by a Redis check).
-        group_id: consumer group; by default one unique to this kill switch,
-            since every agent process must see every command.
-        from_beginning: replay the topic from its earliest offset.
-        subscribe_redis: also listen on the Redis channel.
-        redis_key_prefix: prefix of the flag keys, as the worker writes them.
-        redis_channel: the Redis channel, as the worker publishes on it.
-        redis_timeout: seconds a flag check may wait on Redis.
-        max_remembered: how many commands the in-process set keeps.
-
-    Raises:
-        ConfigError: a setting is out of range.
-    """
+class _KillSwitchBase:
+    """What both forms of the kill switch share: settings and the kill book."""
 
     def __init__(
         self,
@@ -628,6 +604,57 @@ class KillSwitch:
             max_remembered,
         )
         self._book = _KillBook(on_kill, max_remembered)
+        self._open(redis_url, redis_timeout)
+
+    def _open(self, redis_url: str | None, redis_timeout: float) -> None:
+        """Set up the form's own connections and state."""
+        raise NotImplementedError
+
+    @property
+    def group_id(self) -> str:
+        """The consumer group this kill switch reads the topic in."""
+        return self._settings.group_id
+
+    def apply(self, command: KillCommand) -> bool:
+        """Apply a kill command received by other means (a local rule, say).
+
+        Args:
+            command: the command to record.
+
+        Returns:
+            True if the command was new, False for a repeat.
+        """
+        return self._book.accept(command)
+
+
+class KillSwitch(_KillSwitchBase):
+    """Stop sessions the detector has killed: the thread-based form.
+
+    Subscribes to the kill-switch topic (its own consumer group, from the
+    latest offset unless ``from_beginning``) and, when ``redis_url`` is given,
+    to the Redis channel, on a background thread. ``check`` looks in the
+    commands received so far, then at the Redis flags in one ``MGET``.
+
+    Args:
+        bootstrap_servers: Kafka bootstrap servers, or None for Redis only.
+        topic: the kill-switch topic.
+        redis_url: Redis URL for the flag check and the channel, or None.
+        on_kill: called once per new command, on the subscription thread (or
+            on the checking thread for a command found by a Redis check).
+        group_id: consumer group; by default one unique to this kill switch,
+            since every agent process must see every command.
+        from_beginning: replay the topic from its earliest offset.
+        subscribe_redis: also listen on the Redis channel.
+        redis_key_prefix: prefix of the flag keys, as the worker writes them.
+        redis_channel: the Redis channel, as the worker publishes on it.
+        redis_timeout: seconds a flag check may wait on Redis.
+        max_remembered: how many commands the in-process set keeps.
+
+    Raises:
+        ConfigError: a setting is out of range.
+    """
+
+    def _open(self, redis_url: str | None, redis_timeout: float) -> None:
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -639,11 +666,6 @@ class KillSwitch:
                 redis_url, **_redis_options(redis_timeout)
             )
             self._redis_health = _RedisHealth(redis_url)
-
-    @property
-    def group_id(self) -> str:
-        """The consumer group this kill switch reads the topic in."""
-        return self._settings.group_id
 
     def start(self) -> KillSwitch:
         """Start the subscriptions on a background thread; idempotent.
@@ -709,17 +731,6 @@ class KillSwitch:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-    def apply(self, command: KillCommand) -> bool:
-        """Apply a kill command received by other means (a local rule, say).
-
-        Args:
-            command: the command to record.
-
-        Returns:
-            True if the command was new, False for a repeat.
-        """
-        return self._book.accept(command)
 
     def register(
         self,
@@ -822,7 +833,7 @@ class KillSwitch:
             loop.close()
 
 
-class AsyncKillSwitch:
+class AsyncKillSwitch(_KillSwitchBase):
     """Stop sessions the detector has killed: the asyncio form.
 
     Same behaviour and arguments as ``KillSwitch``; the subscriptions run as
@@ -831,44 +842,12 @@ class AsyncKillSwitch:
     ``check_local``.
     """
 
-    def __init__(
-        self,
-        bootstrap_servers: str | Sequence[str] | None = None,
-        topic: str = KILLSWITCH_TOPIC,
-        *,
-        redis_url: str | None = None,
-        on_kill: KillHandler | None = None,
-        group_id: str | None = None,
-        from_beginning: bool = False,
-        subscribe_redis: bool = True,
-        redis_key_prefix: str = REDIS_KEY_PREFIX,
-        redis_channel: str = REDIS_CHANNEL,
-        redis_timeout: float = 0.05,
-        max_remembered: int = _MAX_REMEMBERED,
-    ) -> None:
-        self._settings = _settings(
-            bootstrap_servers,
-            topic,
-            group_id,
-            from_beginning,
-            redis_url,
-            subscribe_redis,
-            redis_key_prefix,
-            redis_channel,
-            redis_timeout,
-            max_remembered,
-        )
-        self._book = _KillBook(on_kill, max_remembered)
+    def _open(self, redis_url: str | None, redis_timeout: float) -> None:
         self._ready: asyncio.Event | None = None
         self._subscriptions: _Subscriptions | None = None
         self._task: asyncio.Task[None] | None = None
         self._redis: aioredis.Redis | None = None
         self._redis_health = _RedisHealth(redis_url) if redis_url else None
-
-    @property
-    def group_id(self) -> str:
-        """The consumer group this kill switch reads the topic in."""
-        return self._settings.group_id
 
     async def start(self) -> AsyncKillSwitch:
         """Start the subscriptions as a task on the running loop; idempotent.
@@ -931,17 +910,6 @@ class AsyncKillSwitch:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-
-    def apply(self, command: KillCommand) -> bool:
-        """Apply a kill command received by other means (a local rule, say).
-
-        Args:
-            command: the command to record.
-
-        Returns:
-            True if the command was new, False for a repeat.
-        """
-        return self._book.accept(command)
 
     def register(
         self,
