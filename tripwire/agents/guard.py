@@ -14,10 +14,11 @@ from typing import Any, ParamSpec, TypeVar, cast, overload
 from tripwire.agents.killswitch import AsyncKillSwitch, KillSwitch, session_killed
 from tripwire.errors import ConfigError, SessionKilled
 from tripwire.schemas.events import KillCommand
+from tripwire.schemas.textcode import SKETCH_SIZE
 from tripwire.streams import loops
 from tripwire.streams.embedder import TextEmbedder
 from tripwire.streams.policy import MAX_OUTPUT_WINDOW, Policy
-from tripwire.streams.state import OUTPUT_KIND_TEXT, SKETCH_SIZE, SessionState
+from tripwire.streams.state import OUTPUT_KIND_TEXT, SessionState
 
 logger = logging.getLogger(__name__)
 

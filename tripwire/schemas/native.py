@@ -14,7 +14,7 @@ import orjson
 
 from tripwire.errors import SpanValidationError
 from tripwire.schemas.events import SpanEvent, SpanKind, ToolStatus
-from tripwire.streams.embedder import TextCode, TextCodeError
+from tripwire.schemas.textcode import TextCode, TextCodeError
 
 logger = logging.getLogger(__name__)
 

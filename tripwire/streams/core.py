@@ -16,13 +16,9 @@ from tripwire.schemas.events import (
     SpanKind,
     ToolStatus,
 )
+from tripwire.schemas.textcode import SKETCH_SIZE, TextCode, TextCodeError
 from tripwire.streams import loops, rules
-from tripwire.streams.embedder import (
-    TextCode,
-    TextCodeError,
-    TextEmbedder,
-    bit_code,
-)
+from tripwire.streams.embedder import TextEmbedder, bit_code
 from tripwire.streams.policy import RULE_BIT, Policy
 from tripwire.streams.pricing import CostBreakdown, PriceBook
 from tripwire.streams.rules import Trip
@@ -30,7 +26,6 @@ from tripwire.streams.state import (
     NO_PARENT,
     OUTPUT_KIND_BITS,
     OUTPUT_KIND_TEXT,
-    SKETCH_SIZE,
     SessionState,
     UserDayState,
     from_nano,

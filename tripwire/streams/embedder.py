@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import binascii
 import hashlib
 import logging
 import math
 import struct
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from tripwire.errors import TripwireError
-from tripwire.streams.state import OUTPUT_VECTOR_BYTES, SKETCH_SIZE
+from tripwire.schemas.textcode import (
+    SKETCH_SIZE,
+    TextCode,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,100 +71,6 @@ _STOPWORD_TEXT = """
     hi hello thanks thank
 """
 STOPWORDS: frozenset[str] = frozenset(_STOPWORD_TEXT.split())
-
-# The wire form of a text code: this prefix, then standard base64 (padded) of
-# the vector's bytes followed by each sketch hash as 2 little-endian bytes.
-WIRE_PREFIX = "t1:"
-MAX_WIRE_CHARS = len(WIRE_PREFIX) + 4 * -(-(OUTPUT_VECTOR_BYTES + 2 * SKETCH_SIZE) // 3)
-_ZERO_VECTOR = bytes(OUTPUT_VECTOR_BYTES)
-_SKETCH_FORMATS = [struct.Struct(f"<{size}H") for size in range(SKETCH_SIZE + 1)]
-
-
-class TextCodeError(TripwireError):
-    """A text code in wire form is malformed."""
-
-
-@dataclass(frozen=True, slots=True)
-class TextCode:
-    """What the loop detector keeps of one output text.
-
-    Attributes:
-        vector: the int8-quantised embedding, one byte per dimension, scaled
-            so its largest entry is +-127 (cosines do not depend on scale).
-        sketch: 16-bit hashes of the text's stemmed content words, ascending,
-            the smallest ``sketch_size`` of them, so that two sketches can be
-            compared below the smaller of their largest hashes.
-    """
-
-    vector: bytes
-    sketch: tuple[int, ...]
-
-    def to_wire(self) -> str:
-        """Return the code as compact ASCII, for a span's ``output_code``.
-
-        The form is ``t1:`` and the base64 of the vector's bytes followed by
-        each sketch hash as two little-endian bytes: 387 characters for a
-        full sketch. :meth:`from_wire` reads it back.
-
-        Raises:
-            TextCodeError: the vector is not ``OUTPUT_VECTOR_BYTES`` long or
-                the sketch holds more than ``SKETCH_SIZE`` hashes.
-        """
-        if len(self.vector) != OUTPUT_VECTOR_BYTES or len(self.sketch) > SKETCH_SIZE:
-            raise TextCodeError(
-                f"a wire text code holds a {OUTPUT_VECTOR_BYTES}-byte vector and at "
-                f"most {SKETCH_SIZE} sketch hashes, got {len(self.vector)} bytes and "
-                f"{len(self.sketch)} hashes; encode with sketch_size={SKETCH_SIZE}"
-            )
-
-        raw = self.vector + _SKETCH_FORMATS[len(self.sketch)].pack(*self.sketch)
-        return WIRE_PREFIX + binascii.b2a_base64(raw, newline=False).decode("ascii")
-
-    @classmethod
-    def from_wire(cls, code: str) -> TextCode:
-        """Read a code written by :meth:`to_wire`, checking its form.
-
-        Args:
-            code: the wire form, ``t1:`` and base64.
-
-        Returns:
-            The code, equal to the one that was written.
-
-        Raises:
-            TextCodeError: the prefix is unknown, the base64 is broken, the
-                length is not a vector and a whole sketch, the vector is all
-                zeros, or the sketch is not strictly ascending.
-        """
-        if not code.startswith(WIRE_PREFIX) or len(code) > MAX_WIRE_CHARS:
-            raise TextCodeError(
-                f"text code must start with {WIRE_PREFIX!r} and be at most "
-                f"{MAX_WIRE_CHARS} characters, got {len(code)} characters starting "
-                f"{code[:8]!r}; compute it with TextCode.to_wire"
-            )
-        try:
-            raw = binascii.a2b_base64(code[len(WIRE_PREFIX) :], strict_mode=True)
-        except (binascii.Error, ValueError) as exc:
-            raise TextCodeError(
-                f"text code is not valid base64 after {WIRE_PREFIX!r}: {exc}"
-            ) from None
-        extra = len(raw) - OUTPUT_VECTOR_BYTES
-        if extra < 0 or extra % 2:
-            raise TextCodeError(
-                f"text code holds {len(raw)} bytes; it must hold the "
-                f"{OUTPUT_VECTOR_BYTES}-byte vector and 2 bytes per sketch hash"
-            )
-
-        vector = raw[:OUTPUT_VECTOR_BYTES]
-        sketch: tuple[int, ...] = _SKETCH_FORMATS[extra // 2].unpack_from(
-            raw, OUTPUT_VECTOR_BYTES
-        )
-        if vector == _ZERO_VECTOR:
-            raise TextCodeError("text code has an all-zero vector, which no text has")
-        if sorted(set(sketch)) != list(sketch):
-            raise TextCodeError(
-                f"text code sketch must be strictly ascending, got {list(sketch)}"
-            )
-        return cls(vector, sketch)
 
 
 class TextEmbedder:

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import struct
 
+from tripwire.schemas.textcode import OUTPUT_VECTOR_BYTES, SKETCH_SIZE
 from tripwire.streams.embedder import bit_cosines, int8_cosines
 from tripwire.streams.policy import MAX_OUTPUT_WINDOW, MAX_TOOL_WINDOW, Policy
 from tripwire.streams.rules import Trip
@@ -13,8 +14,6 @@ from tripwire.streams.state import (
     OUTPUT_KIND_BITS,
     OUTPUT_KIND_TEXT,
     OUTPUT_SLOT_BYTES,
-    OUTPUT_VECTOR_BYTES,
-    SKETCH_SIZE,
     SessionState,
 )
 

@@ -9,6 +9,7 @@ import sys
 from array import array
 
 from tripwire.errors import TripwireError
+from tripwire.schemas.textcode import OUTPUT_VECTOR_BYTES, SKETCH_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -22,8 +23,6 @@ SESSION_SEEN_CAPACITY = 224
 USER_SEEN_CAPACITY = 512
 
 # One remembered LLM output: kind, sketch length, content-word sketch, vector.
-OUTPUT_VECTOR_BYTES = 256
-SKETCH_SIZE = 16
 OUTPUT_SLOT_BYTES = 2 + 2 * SKETCH_SIZE + OUTPUT_VECTOR_BYTES
 OUTPUT_KIND_TEXT = 1
 OUTPUT_KIND_BITS = 2

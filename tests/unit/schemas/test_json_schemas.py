@@ -31,7 +31,8 @@ from tripwire.schemas.native import (
     decode_native,
     encode_native,
 )
-from tripwire.streams.embedder import MAX_WIRE_CHARS, TextEmbedder
+from tripwire.schemas.textcode import MAX_WIRE_CHARS
+from tripwire.streams.embedder import TextEmbedder
 
 CODE = TextEmbedder().wire_code("Let me search the quarterly report for Q3 revenue.")
 assert CODE is not None

@@ -23,7 +23,8 @@ from tripwire.schemas.native import (
     encode_native,
     iter_native_lines,
 )
-from tripwire.streams.embedder import TextCode, TextEmbedder
+from tripwire.schemas.textcode import TextCode
+from tripwire.streams.embedder import TextEmbedder
 
 T0 = 1_714_564_800.25
 CODE = TextEmbedder().wire_code("Looking it up in the report, then the Q3 tab.")

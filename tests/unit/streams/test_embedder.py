@@ -9,13 +9,11 @@ import math
 import numpy as np
 import pytest
 
+from tripwire.schemas.textcode import MAX_WIRE_CHARS, TextCode, TextCodeError
 from tripwire.streams import embedder
 from tripwire.streams.embedder import (
     BIT_CODE_BITS,
-    MAX_WIRE_CHARS,
     TEXT_DIM,
-    TextCode,
-    TextCodeError,
     TextEmbedder,
     bit_code,
     bit_cosines,

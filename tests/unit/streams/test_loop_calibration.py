@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from tripwire.schemas.textcode import SKETCH_SIZE
 from tripwire.streams.embedder import TextEmbedder, int8_cosines
 from tripwire.streams.loops import substituted
 from tripwire.streams.policy import Policy
-from tripwire.streams.state import SKETCH_SIZE
 
 PAIRS = Path(__file__).parent / "data" / "loop_pairs.jsonl"
 

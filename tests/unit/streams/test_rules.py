@@ -12,12 +12,13 @@ from hypothesis import strategies as st
 
 from tripwire.schemas.events import Alert, KillCommand, Scope, SpanEvent, SpanKind
 from tripwire.schemas.events import ToolStatus as Status
+from tripwire.schemas.textcode import SKETCH_SIZE
 from tripwire.streams import rules
 from tripwire.streams.core import Decision, Detector
 from tripwire.streams.embedder import TextEmbedder, int8_cosines
 from tripwire.streams.policy import RULE_BIT, RULES, Policy
 from tripwire.streams.pricing import PriceBook
-from tripwire.streams.state import SKETCH_SIZE, SessionState, UserDayState
+from tripwire.streams.state import SessionState, UserDayState
 
 SESSION = "sess-1"
 USER = "user-1"
