@@ -55,7 +55,7 @@ class SpanEvent:
     stored, logged or re-published. ``output_code`` is what the loop detector
     keeps of a text, computed where the text is (``TextEmbedder.wire_code``),
     so the text itself need not travel: a versioned ASCII string, ``t1:`` and
-    base64 (see ``tripwire.streams.embedder.TextCode``).
+    base64 (see ``tripwire.schemas.textcode.TextCode``).
     """
 
     span_id: str
